@@ -1,0 +1,42 @@
+# ibridge — common tasks. `make help` lists them.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU build of torch unless the machine has a GPU (a bare `torch` pulls a multi-GB CUDA build).
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+
+.PHONY: help setup run smoke test test-all lint bench-objectives measure clean
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+$(BIN)/ibridge: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+	@touch $@
+
+setup: $(BIN)/ibridge  ## create .venv and install ibridge with its dev tools
+
+run: setup  ## run the default pipeline (base -> SFT -> DPO -> eval) on the toy world
+	$(BIN)/ibridge
+
+smoke: setup  ## a one-to-two-minute pipeline on a tiny world and model
+	$(BIN)/ibridge debug=smoke
+
+test: setup  ## the fast test tier
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: setup  ## every test, whole-run ones included
+	$(BIN)/python -m pytest -q
+
+lint: setup  ## ruff
+	$(BIN)/ruff check ibridge tests benchmarks
+
+measure: setup  ## the default pipeline over seeds 0,1,2, then the per-stage gold-reward table
+	$(BIN)/ibridge -m seed=0,1,2 hydra.sweep.dir=multirun/measure-default
+	$(BIN)/python -m ibridge.analysis.stage_table multirun/measure-default
+
+clean:  ## remove run outputs (not the model cache)
+	rm -rf outputs multirun/*/ .pytest_cache

@@ -1,0 +1,3 @@
+from ibridge.cli import main
+
+main()

@@ -1,0 +1,116 @@
+"""`ibridge [JOB] [hydra overrides]` — job dispatch and the Hydra entry point.
+
+JOB is one of pipeline (default), train, eval; everything after it is Hydra's
+(`key=value`, `group=option`, `-m`, `--cfg job`, `--help`).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from ibridge.config import JOBS, ConfigError, validate
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+log = logging.getLogger("ibridge")
+
+
+def _split_job(args: list[str]) -> list[str]:
+    """Turn a leading positional JOB into the override ``job=JOB``."""
+    if args and not args[0].startswith("-") and "=" not in args[0]:
+        job = args[0]
+        if job not in JOBS:
+            print(f"ibridge: unknown job {job!r}; valid jobs: {', '.join(JOBS)}", file=sys.stderr)
+            raise SystemExit(2)
+        return [f"job={job}", *args[1:]]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else list(argv)
+    sys.argv = [sys.argv[0] if sys.argv else "ibridge", *_split_job(args)]
+    _hydra_entry()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def _hydra_entry(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+def _group_name(hydra_cfg, run_dir: Path) -> str:
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        sweep = Path(hydra_cfg.sweep.dir)
+        return f"sweep-{sweep.parent.name}-{sweep.name}"
+    return f"run-{run_dir.parent.name}-{run_dir.name}"
+
+
+def run(cfg: DictConfig) -> dict:
+    """Validate, run the job, and write results.json last, atomically."""
+    from ibridge.io import write_json_atomic
+
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    run_dir = Path(cfg.output_dir or hydra_cfg.runtime.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    results: dict = {"status": "running", "job": cfg.job, "run_dir": str(run_dir),
+                     "overrides": list(hydra_cfg.overrides.task)}
+    started = time.time()
+    try:
+        validate(cfg)
+        OmegaConf.resolve(cfg)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        results.update(_run_job(cfg, run_dir, _group_name(hydra_cfg, run_dir)))
+        results["status"] = "completed"
+    except ConfigError as err:
+        results.update(status="failed", error=f"config error: {err}")
+        write_json_atomic(run_dir / "results.json", results)
+        if multirun:
+            log.error("config error: %s", err)
+            return results
+        print(f"ibridge: config error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Exception as err:  # the run is marked failed; a sweep's other cells go on
+        results.update(status="failed", error=f"{type(err).__name__}: {err}")
+        (run_dir / "error.log").write_text(traceback.format_exc())
+        write_json_atomic(run_dir / "results.json", {**results, "runtime_s": round(time.time() - started, 2)})
+        if multirun:
+            log.error("run failed: %s (traceback in %s)", err, run_dir / "error.log")
+            return results
+        raise
+    results["runtime_s"] = round(time.time() - started, 2)
+    write_json_atomic(run_dir / "results.json", results)
+    log.info("results: %s", run_dir / "results.json")
+    return results
+
+
+def _run_job(cfg: DictConfig, run_dir: Path, group: str) -> dict:
+    from ibridge.data import source_for
+    from ibridge.jobs import JOBS as JOB_FUNCTIONS
+    from ibridge.jobs.context import RunContext
+    from ibridge.runtime import resolve_runtime, seed_everything
+    from ibridge.tracking import RunLogger
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight-loading bars would bury the stage bars
+    seed_everything(int(cfg.seed))
+    runtime = resolve_runtime(cfg.trainer)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    logger = RunLogger(run_dir, cfg.logger, config, group)
+    ctx = RunContext(cfg=cfg, run_dir=run_dir, runtime=runtime, logger=logger, source=source_for(cfg.data))
+    log.info("job=%s run_dir=%s device=%s precision=%s", cfg.job, run_dir, runtime.device, runtime.precision)
+    try:
+        JOB_FUNCTIONS[cfg.job](ctx)
+    finally:
+        logger.finish()
+    ctx.results["device"] = str(runtime.device)
+    ctx.results["precision"] = runtime.precision
+    return ctx.results

@@ -1,0 +1,97 @@
+"""Config validation: every check that can fail before a model loads (DESIGN.md §3).
+
+Hydra composes the config; this module checks what composition cannot: value
+ranges, the job name, and whether the objective's data kind matches the data.
+Each failure is a one-line `ConfigError` that names the key and what was expected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from omegaconf import DictConfig, OmegaConf
+
+JOBS = ("pipeline", "train", "eval")
+STAGE_KEYS = ("sft", "dpo")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key."""
+
+
+def _positive(cfg: DictConfig, key: str) -> None:
+    value = OmegaConf.select(cfg, key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r}: expected a number > 0")
+    if not value > 0:
+        raise ConfigError(f"{key}={value!r}: expected a number > 0")
+
+
+def _positive_int(cfg: DictConfig, key: str) -> None:
+    value = OmegaConf.select(cfg, key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{key}={value!r}: expected an integer > 0")
+
+
+def _objective_errors(cfg: Mapping, key: str) -> None:
+    """Build the objective once so that bad names and parameters fail here."""
+    from ibridge.objectives import build_objective
+
+    try:
+        build_objective(cfg)
+    except ValueError as err:
+        # Objective errors name `objective.<param>`; re-anchor them at `key`.
+        raise ConfigError(str(err).replace("objective.", f"{key}.")) from None
+
+
+def data_kinds_provided(data_cfg: Mapping) -> set[str]:
+    """Which kinds of examples a data config can supply."""
+    from ibridge.data import source_for
+
+    return set(source_for(data_cfg).kinds)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first invalid setting of `cfg`."""
+    from ibridge.objectives import data_kind_of
+
+    if cfg.job not in JOBS:
+        raise ConfigError(f"job={cfg.job!r}: expected one of {', '.join(JOBS)}")
+    _positive(cfg, "lr")
+    _positive(cfg, "dpo.lr")
+    _objective_errors(OmegaConf.to_container(cfg.objective, resolve=True), "objective")
+    _objective_errors(OmegaConf.to_container(cfg.dpo.objective, resolve=True), "dpo.objective")
+    for stage in STAGE_KEYS:
+        for key in ("batch_size", "grad_accum", "epochs", "log_every"):
+            _positive_int(cfg, f"{stage}.{key}")
+        if OmegaConf.select(cfg, f"{stage}.weight_decay") < 0:
+            raise ConfigError(f"{stage}.weight_decay: expected a number >= 0")
+    _positive_int(cfg, "eval.max_new_tokens")
+    _positive_int(cfg, "eval.batch_size")
+    _positive_int(cfg, "model.max_length")
+    warmup = cfg.schedule.warmup_ratio
+    if not 0 <= warmup < 1:
+        raise ConfigError(f"schedule.warmup_ratio={warmup!r}: expected a number in [0, 1)")
+
+    provided = data_kinds_provided(cfg.data)
+    needed = {data_kind_of(cfg.objective.name)}
+    if cfg.job == "pipeline":
+        if needed != {"demonstrations"}:
+            raise ConfigError(
+                f"objective={cfg.objective.name}: the pipeline's first stage is SFT and needs a "
+                f"demonstration objective; preference objectives belong under dpo.objective"
+            )
+        needed.add(data_kind_of(cfg.dpo.objective.name))
+        if data_kind_of(cfg.dpo.objective.name) != "preferences":
+            raise ConfigError(
+                f"dpo.objective.name={cfg.dpo.objective.name}: expected a preference objective"
+            )
+    if cfg.job in ("train", "pipeline"):
+        missing = needed - provided
+        if missing:
+            raise ConfigError(
+                f"objective={cfg.objective.name} needs {', '.join(sorted(missing))} but "
+                f"data={cfg.data.kind} provides {', '.join(sorted(provided))}"
+            )
+    if cfg.job == "eval" and "eval" not in provided:
+        raise ConfigError(f"data={cfg.data.kind} has no evaluation prompts; eval needs data=toy")

@@ -1,0 +1,42 @@
+"""What every job gets: config, run folder, runtime, logger, data source, base model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from ibridge.models import ensure_toy_base
+from ibridge.runtime import Runtime
+from ibridge.tracking import RunLogger
+
+
+@dataclass
+class RunContext:
+    cfg: DictConfig
+    run_dir: Path
+    runtime: Runtime
+    logger: RunLogger
+    source: object
+    results: dict = field(default_factory=dict)
+
+    @cached_property
+    def base_model(self) -> Path:
+        """The base model's folder: built once and cached for the toy model."""
+        if self.cfg.model.kind == "toy":
+            return ensure_toy_base(self.cfg.model, self.source.world_config, self.runtime)
+        return Path(str(self.cfg.model.name_or_path))
+
+    def run_name(self, stage: str, objective: str, lr: float) -> str:
+        """Names that say the overrides, e.g. ``sft-jsd-lr1e-06-s0``."""
+        return f"{stage}-{objective}-lr{lr:g}-s{self.cfg.seed}"
+
+    def checkpoint_or_base(self, path) -> Path:
+        if path:
+            path = Path(str(path)).expanduser()
+            if not path.exists():
+                raise FileNotFoundError(f"checkpoint={path}: no such folder")
+            return path
+        return self.base_model

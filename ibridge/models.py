@@ -1,0 +1,189 @@
+"""Loading models and tokenizers; building (once) and caching the toy base model.
+
+Every model, toy or real, loads through `AutoModelForCausalLM` /
+`AutoTokenizer` from a folder in Hugging Face format, weights from safetensors
+only (never pickle).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from ibridge.io import publish_dir, staging_dir
+from ibridge.runtime import Runtime, seed_everything
+
+log = logging.getLogger(__name__)
+
+# Bump when the base model's recipe changes in code, so cached builds are redone.
+TOY_BASE_VERSION = 1
+READY_MARKER = "ibridge_base.json"
+
+
+def cache_root(model_cfg) -> Path:
+    return Path(str(model_cfg.get("cache_dir") or "~/.cache/ibridge")).expanduser()
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def load_model(path: str | Path, runtime: Runtime, trust_remote_code: bool = False):
+    """A causal LM from a Hugging Face folder or hub name, fp32 weights on `runtime.device`."""
+    from transformers import AutoModelForCausalLM
+
+    path = str(path)
+    local = Path(path).expanduser()
+    if local.exists() and not any(local.glob("*.safetensors")):
+        raise FileNotFoundError(f"{local}: no model in safetensors format (expected model*.safetensors)")
+    model = AutoModelForCausalLM.from_pretrained(
+        str(local) if local.exists() else path,
+        dtype=torch.float32,
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+        attn_implementation=runtime.attn_implementation,
+    )
+    return model.to(runtime.device)
+
+
+def save_checkpoint(model, tokenizer, final_dir: Path) -> Path:
+    """Write model (safetensors) and tokenizer; the folder appears only once complete."""
+    tmp = staging_dir(final_dir)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    publish_dir(tmp, final_dir)
+    return Path(final_dir)
+
+
+# --------------------------------------------------------------------------- toy base
+
+
+def toy_base_key(model_cfg, world_config) -> str:
+    """Cache key: the base model's own recipe (architecture, pretraining) and the world."""
+    recipe = {
+        "version": TOY_BASE_VERSION,
+        "architecture": OmegaConf.to_container(model_cfg.architecture, resolve=True),
+        "pretrain": OmegaConf.to_container(model_cfg.pretrain, resolve=True),
+        "max_length": int(model_cfg.max_length),
+        "world": world_config.fingerprint(),
+    }
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """Exclusive lock, so parallel sweep cells build the base model once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def ensure_toy_base(model_cfg, world_config, runtime: Runtime) -> Path:
+    """The toy base model's folder, built and cached on first use (DESIGN.md §2)."""
+    if model_cfg.get("name_or_path"):
+        return Path(str(model_cfg.name_or_path)).expanduser()
+    key = toy_base_key(model_cfg, world_config)
+    final = cache_root(model_cfg) / "base" / key
+    with _file_lock(final.with_suffix(".lock")):
+        if (final / READY_MARKER).is_file():
+            log.info("toy base model: reusing %s", final)
+            return final
+        log.info("toy base model: building %s (once; cached afterwards)", final)
+        build_toy_base(model_cfg, world_config, runtime, final)
+    return final
+
+
+def build_toy_base(model_cfg, world_config, runtime: Runtime, final: Path) -> None:
+    """A small Llama pretrained on the world's noisy corpus, without the chat format."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ibridge.training import OptimSettings, optimise
+    from ibridge.world import build_tokenizer, build_world
+
+    seed_everything(world_config.seed)
+    world = build_world(world_config)
+    tokenizer = build_tokenizer(world_config)
+    arch = OmegaConf.to_container(model_cfg.architecture, resolve=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=arch["hidden_size"],
+        intermediate_size=arch["intermediate_size"],
+        num_hidden_layers=arch["num_hidden_layers"],
+        num_attention_heads=arch["num_attention_heads"],
+        num_key_value_heads=arch.get("num_key_value_heads", arch["num_attention_heads"]),
+        max_position_embeddings=arch.get("max_position_embeddings", 64),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+        attn_implementation=runtime.attn_implementation,
+    )
+    model = LlamaForCausalLM(config)
+    items = [corpus_item(tokenizer, line, int(model_cfg.max_length)) for line in world.corpus]
+    pre = model_cfg.pretrain
+    settings = OptimSettings(
+        lr=float(pre.lr),
+        epochs=int(pre.epochs),
+        batch_size=int(pre.batch_size),
+        weight_decay=float(pre.weight_decay),
+        warmup_ratio=float(pre.warmup_ratio),
+        log_every=50,
+        seed=world_config.seed,
+    )
+    pad = tokenizer.pad_token_id
+    summary = optimise(
+        model, items, lambda batch: collate_corpus(batch, pad), causal_lm_loss, settings, runtime, desc="pretrain base"
+    )
+    model.generation_config.pad_token_id = pad
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    tmp = staging_dir(final)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / READY_MARKER).write_text(
+        json.dumps(
+            {
+                "world": world_config.fingerprint(),
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "pretrain_steps": summary.steps,
+                "pretrain_runtime_s": round(summary.runtime_s, 2),
+                "final_loss": summary.final_metrics.get("train/loss"),
+            },
+            indent=2,
+        )
+    )
+    publish_dir(tmp, final)
+
+
+def corpus_item(tokenizer, line: str, max_length: int) -> dict:
+    ids = [tokenizer.bos_token_id] + tokenizer(line, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = ids[:max_length]
+    return {"input_ids": ids, "labels": list(ids)}
+
+
+def collate_corpus(items: list[dict], pad_id: int) -> dict:
+    from ibridge.data.collate import pad_sequences
+
+    return pad_sequences(items, pad_id)
+
+
+def causal_lm_loss(model, batch):
+    """Next-token cross-entropy over every non-pad token: the `sft` objective on whole lines."""
+    from ibridge.objectives import build_objective
+    from ibridge.objectives.logprobs import token_logps
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    logps, mask = token_logps(logits, batch["labels"])  # (B, T-1)
+    return build_objective({"name": "sft"})(logps, None, mask)

@@ -1,0 +1,136 @@
+"""One training stage, wired: data → encoding → cached reference → objective → loop → checkpoint.
+
+`train` runs one stage; `pipeline` runs SFT then DPO through the same function.
+The reference pi_ref is the model the stage starts from unless given (DESIGN.md
+§1: the base model for SFT, the SFT model for DPO).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ibridge.data.collate import collate_demonstrations, collate_pairs
+from ibridge.data.formatting import encode_split
+from ibridge.evaluation.drift import token_kl
+from ibridge.models import cache_root, load_model, load_tokenizer, save_checkpoint
+from ibridge.objectives import build_objective
+from ibridge.objectives.logprobs import sequence_logps, token_logps
+from ibridge.refcache import cached_reference_logps
+from ibridge.training import OptimSettings, optimise
+
+log = logging.getLogger(__name__)
+
+
+def demonstration_step(objective):
+    """compute(model, batch) for objectives on demonstrations (sft, tv, chi2, ...)."""
+
+    def compute(model, batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+        logps, mask = token_logps(logits, batch["labels"])  # (B, T-1)
+        return objective(logps, batch.get("ref_logps"), mask)
+
+    return compute
+
+
+def preference_step(objective):
+    """compute(model, batch) for preference objectives: chosen and rejected in one forward."""
+
+    def compute(model, batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (2B, T, V)
+        logps, mask = token_logps(logits, batch["labels"])  # (2B, T-1)
+        chosen, rejected = sequence_logps(logps, mask).chunk(2)  # (B,), (B,)
+        return objective(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"])
+
+    return compute
+
+
+def attach_reference(encoded: list[dict], kind: str, reference_path: Path, ctx, pad_id: int) -> None:
+    """Add cached reference log-probs to each encoded example (in place)."""
+    if kind == "demonstrations":
+        sequences = encoded
+    else:
+        sequences = [ex["chosen"] for ex in encoded] + [ex["rejected"] for ex in encoded]
+    values = cached_reference_logps(
+        reference_path,
+        sequences,
+        ctx.runtime,
+        pad_id,
+        cache_root(ctx.cfg.model),
+        load_reference=lambda: load_model(reference_path, ctx.runtime),
+    )
+    if kind == "demonstrations":
+        for example, value in zip(encoded, values, strict=True):
+            example["ref_logps"] = value
+    else:
+        n = len(encoded)
+        for i, example in enumerate(encoded):
+            example["ref_chosen"] = float(values[i].sum())
+            example["ref_rejected"] = float(values[n + i].sum())
+
+
+def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path: Path, out_dir: Path,
+                reference_path: Path | None = None, run_name: str | None = None) -> dict:
+    """Train one stage from `init_path`; returns the stage's record for results.json."""
+    cfg = ctx.cfg
+    reference_path = Path(reference_path or init_path)
+    objective = build_objective(objective_cfg)
+    kind = objective.data_kind
+    tokenizer = load_tokenizer(init_path)
+    pad = tokenizer.pad_token_id
+    encoded, enc_stats = encode_split(tokenizer, ctx.source.examples(kind), kind, int(cfg.model.max_length))
+    if enc_stats.truncated:
+        log.warning("%s: %d of %d sequences longer than model.max_length=%d were truncated",
+                    stage, enc_stats.truncated, enc_stats.examples, cfg.model.max_length)
+    if objective.needs_reference:
+        attach_reference(encoded, kind, reference_path, ctx, pad)
+
+    settings = OptimSettings(
+        lr=float(lr),
+        epochs=int(opt_cfg.epochs),
+        max_steps=int(opt_cfg.max_steps),
+        batch_size=int(opt_cfg.batch_size),
+        grad_accum=int(opt_cfg.grad_accum),
+        weight_decay=float(opt_cfg.weight_decay),
+        max_grad_norm=float(opt_cfg.max_grad_norm),
+        log_every=int(opt_cfg.log_every),
+        warmup_ratio=float(cfg.schedule.warmup_ratio),
+        schedule=str(cfg.schedule.name),
+        seed=int(cfg.seed),
+    )
+    ctx.logger.start(stage, run_name or stage, {"stage": stage, "stage_objective": objective.name, "stage_lr": lr})
+    model = load_model(init_path, ctx.runtime)
+    collate = collate_demonstrations if kind == "demonstrations" else collate_pairs
+    summary = optimise(
+        model, encoded, lambda items: collate(items, pad),
+        demonstration_step(objective) if kind == "demonstrations" else preference_step(objective),
+        settings, ctx.runtime, log=ctx.logger.log, desc=f"{stage} ({objective.name})",
+    )
+    record = {
+        "objective": objective.name,
+        "lr": float(lr),
+        "steps": summary.steps,
+        "runtime_s": round(summary.runtime_s, 3),
+        "tokens": summary.tokens,
+        "examples": len(encoded),
+        "truncated": enc_stats.truncated,
+        "init": str(init_path),
+        "reference": str(reference_path),
+    }
+    if kind == "demonstrations":
+        heldout, _ = encode_split(tokenizer, ctx.source.examples("heldout_demonstrations"), kind,
+                                  int(cfg.model.max_length))
+        reference = load_model(reference_path, ctx.runtime)
+        record["kl_token"] = token_kl(model, reference, heldout, ctx.runtime, pad)
+        ctx.logger.log({"kl/token": record["kl_token"]}, summary.steps)
+        del reference
+    checkpoint = save_checkpoint(model, tokenizer, Path(out_dir) / "checkpoint")
+    record["checkpoint"] = str(checkpoint)
+    ctx.logger.summary({f"stage/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
+    ctx.logger.finish()
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return record

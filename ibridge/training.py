@@ -1,0 +1,148 @@
+"""The optimisation loop every stage shares: pretraining, SFT-family and DPO-family.
+
+Why a loop of our own rather than `transformers.Trainer`: a stage here is a
+fixed list of pre-tokenised examples with cached reference log-probs, an
+objective that is a pure function of log-prob tensors, and metrics named as in
+DESIGN.md §4. The Trainer's features that matter (cosine schedule with warmup,
+gradient accumulation and clipping, safetensors checkpoints in Hugging Face
+format, seeding, mixed precision) take a few dozen lines; what it adds beyond
+them (callbacks, its own logging integrations, dataloader workers) costs
+per-step Python time that is most of a step on the toy model.
+
+The loop knows no loss: a stage passes `compute(model, batch) -> ObjectiveOutput`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from ibridge.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    lr: float
+    epochs: int = 1
+    max_steps: int = -1
+    batch_size: int = 32
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    log_every: int = 10
+    warmup_ratio: float = 0.1
+    schedule: str = "cosine"
+    seed: int = 0
+
+    def total_steps(self, n_items: int) -> int:
+        per_epoch = max(1, math.ceil(n_items / (self.batch_size * self.grad_accum)))
+        return self.max_steps if self.max_steps > 0 else self.epochs * per_epoch
+
+
+def micro_batches(n_items: int, batch_size: int, seed: int):
+    """Endless shuffled micro-batches of indices, a fresh permutation each epoch."""
+    generator = torch.Generator().manual_seed(seed)
+    epoch = 0
+    while True:
+        order = torch.randperm(n_items, generator=generator).tolist()
+        for start in range(0, n_items, batch_size):
+            yield epoch, order[start : start + batch_size]
+        epoch += 1
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf; the message names the step."""
+
+
+@dataclass
+class StageSummary:
+    steps: int
+    runtime_s: float
+    tokens: int
+    final_metrics: dict[str, float]
+
+
+def optimise(
+    model: torch.nn.Module,
+    items: list,
+    collate: Callable[[list], dict],
+    compute: Callable,
+    settings: OptimSettings,
+    runtime: Runtime,
+    log: Callable[[dict, int], None] | None = None,
+    desc: str = "train",
+) -> StageSummary:
+    """Run `settings.total_steps` optimiser steps of `compute` over shuffled `items`."""
+    if not items:
+        raise ValueError(f"{desc}: no training examples")
+    model.to(runtime.device)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and "norm" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.ndim < 2 or "norm" in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.lr,
+        foreach=True,
+    )
+    total = settings.total_steps(len(items))
+    scheduler = get_scheduler(
+        settings.schedule if settings.schedule != "constant" else "constant_with_warmup",
+        optimizer,
+        num_warmup_steps=int(settings.warmup_ratio * total),
+        num_training_steps=total,
+    )
+    stream = micro_batches(len(items), settings.batch_size, settings.seed)
+    window: dict[str, list[float]] = defaultdict(list)
+    final: dict[str, float] = {}
+    tokens = 0
+    window_tokens = 0
+    start = window_start = time.perf_counter()
+    progress = tqdm(range(1, total + 1), desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5)
+    for step in progress:
+        for _ in range(settings.grad_accum):
+            epoch, indices = next(stream)
+            batch = to_device(collate([items[i] for i in indices]), runtime.device)
+            with runtime.autocast():
+                out = compute(model, batch)
+            loss = out.loss
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"{desc}: loss is {loss.item()} at step {step} (epoch {epoch})")
+            (loss / settings.grad_accum).backward()
+            window["train/loss"].append(loss.item())
+            for key, value in out.metrics.items():
+                window[key].append(float(value))
+            n_tokens = int(batch["attention_mask"].sum())
+            tokens += n_tokens
+            window_tokens += n_tokens
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+        window["train/grad_norm"].append(float(grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % settings.log_every == 0 or step == total:
+            now = time.perf_counter()
+            metrics = {key: sum(values) / len(values) for key, values in window.items()}
+            metrics["train/lr"] = scheduler.get_last_lr()[0]
+            metrics["train/epoch"] = epoch + 1
+            metrics["train/tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
+            progress.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+            if log is not None:
+                log(metrics, step)
+            final = metrics
+            window.clear()
+            window_tokens = 0
+            window_start = now
+    progress.close()
+    model.eval()
+    return StageSummary(steps=total, runtime_s=time.perf_counter() - start, tokens=tokens, final_metrics=final)

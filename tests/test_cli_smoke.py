@@ -1,0 +1,103 @@
+"""The whole `ibridge debug=smoke` pipeline through the real CLI, in a temporary folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO
+
+
+def ibridge(args: list[str], cwd: Path, cache: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "IBRIDGE_CACHE": str(cache), "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "ibridge", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ibridge {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, model_cache) -> Path:
+    cwd = tmp_path_factory.mktemp("smoke")
+    ibridge(["debug=smoke", "hydra.run.dir=run"], cwd, model_cache)
+    return cwd / "run"
+
+
+def test_results_json_contract(smoke_run):
+    results = json.loads((smoke_run / "results.json").read_text())
+    assert results["status"] == "completed"
+    assert set(results["stages"]) == {"sft", "dpo"}
+    for stage, record in results["stages"].items():
+        for key in ("objective", "lr", "steps", "runtime_s", "checkpoint"):
+            assert key in record, (stage, key)
+        assert record["steps"] > 0
+    assert results["stages"]["sft"]["objective"] == "sft"
+    assert results["stages"]["dpo"]["objective"] == "dpo"
+    for key in ("gold_reward", "win_rate", "win_rate_ci", "lc_win_rate", "avg_length", "kl_to_ref",
+                "implicit_reward_acc"):
+        assert key in results["eval"], key
+    low, high = results["eval"]["win_rate_ci"]
+    assert 0.0 <= low <= results["eval"]["win_rate"] <= high <= 1.0
+    assert set(results["eval_by_stage"]) == {"base", "sft", "dpo"}
+
+
+def test_checkpoints_are_hf_safetensors_and_parameters_changed(smoke_run):
+    results = json.loads((smoke_run / "results.json").read_text())
+    sft_dir = Path(results["stages"]["sft"]["checkpoint"])
+    dpo_dir = Path(results["stages"]["dpo"]["checkpoint"])
+    base_dir = Path(results["stages"]["sft"]["init"])
+    for folder in (sft_dir, dpo_dir):
+        assert (folder / "model.safetensors").is_file()
+        assert (folder / "config.json").is_file()
+        assert (folder / "tokenizer.json").is_file()
+        assert not list(folder.glob("*.bin")), "weights must be safetensors only"
+    base, sft, dpo = (load_file(str(d / "model.safetensors")) for d in (base_dir, sft_dir, dpo_dir))
+    assert any(not torch.equal(base[k], sft[k]) for k in base), "SFT did not change any parameter"
+    assert any(not torch.equal(sft[k], dpo[k]) for k in sft), "DPO did not change any parameter"
+
+
+def test_generations_metrics_config_and_wandb(smoke_run):
+    for stage in ("base", "sft", "dpo"):
+        rows = [json.loads(line) for line in (smoke_run / "eval" / stage / "generations.jsonl").open()]
+        assert rows and {"prompt", "output", "reference", "reward", "preference"} <= set(rows[0])
+        alpaca = json.loads((smoke_run / "eval" / stage / "alpaca_eval.json").read_text())
+        assert {"instruction", "output", "generator"} == set(alpaca[0])
+    assert (smoke_run / "config.yaml").is_file()
+    records = [json.loads(line) for line in (smoke_run / "metrics.jsonl").open()]
+    stages = {r["stage"] for r in records}
+    assert {"sft", "dpo", "eval"} <= stages
+    dpo_keys = set().union(*(r.keys() for r in records if r["stage"] == "dpo"))
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "train/loss"} <= dpo_keys
+    offline_runs = list((smoke_run / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) >= 5, offline_runs  # eval base, sft, eval sft, dpo, eval dpo
+
+
+def test_train_one_dpo_stage_from_a_checkpoint(smoke_run, tmp_path, model_cache):
+    results = json.loads((smoke_run / "results.json").read_text())
+    sft_dir = results["stages"]["sft"]["checkpoint"]
+    ibridge(["train", "debug=smoke", "objective=dpo", "lr=1e-4", f"checkpoint={sft_dir}", "logger=none",
+             "hydra.run.dir=train_dpo"], tmp_path, model_cache)
+    out = json.loads((tmp_path / "train_dpo" / "results.json").read_text())
+    assert out["status"] == "completed" and out["stages"]["dpo"]["reference"] == sft_dir
+
+
+def test_unknown_job_lists_valid_jobs(tmp_path, model_cache):
+    proc = ibridge(["trian"], tmp_path, model_cache, check=False)
+    assert proc.returncode == 2
+    assert "pipeline" in proc.stderr and "train" in proc.stderr and "eval" in proc.stderr
+
+
+def test_bad_lr_is_a_one_line_error_before_any_model_loads(tmp_path, model_cache):
+    proc = ibridge(["train", "lr=-1", "hydra.run.dir=bad"], tmp_path, model_cache, check=False)
+    assert proc.returncode == 2
+    assert "lr=-1" in proc.stderr and "config error" in proc.stderr
+    assert not (tmp_path / "bad" / "sft").exists()
