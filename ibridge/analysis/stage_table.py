@@ -29,7 +29,7 @@ def load_runs(folder: Path) -> list[tuple[Path, dict]]:
 
 
 def stage_table(folder: Path, console: Console | None = None) -> dict:
-    console = console or Console()
+    console = console or Console(width=160)
     runs = load_runs(folder)
     if not runs:
         raise SystemExit(f"{folder}: no results.json found")

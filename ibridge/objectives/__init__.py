@@ -38,10 +38,12 @@ from .fdivergence import (
     ReverseKL,
     SquaredHellinger,
     TotalVariation,
+    fdivergence_losses,
+    implicit_rewards,
 )
 from .logprobs import label_logps, sequence_logps, token_logps
-from .preference import CDPO, DPO, IPO
-from .sft import SFT
+from .preference import CDPO, DPO, IPO, dpo_losses, ipo_losses
+from .sft import SFT, sft_loss
 
 __all__ = [
     "CDPO",
@@ -66,8 +68,13 @@ __all__ = [
     "build_objective",
     "canonical_name",
     "data_kind_of",
+    "dpo_losses",
+    "fdivergence_losses",
+    "implicit_rewards",
+    "ipo_losses",
     "label_logps",
     "sequence_logps",
+    "sft_loss",
     "token_logps",
 ]
 

@@ -95,9 +95,7 @@ class DemonstrationObjective(Objective):
             raise ValueError(f"{self.name}: mask must be a bool tensor, got {mask.dtype}")
         if self.needs_reference:
             if ref_logps is None:
-                raise ValueError(
-                    f"objective '{self.name}' needs reference log-probs (ref_logps), got None"
-                )
+                raise ValueError(f"objective '{self.name}' needs reference log-probs (ref_logps), got None")
             if ref_logps.shape != policy_logps.shape:
                 raise ValueError(
                     f"{self.name}: ref_logps {tuple(ref_logps.shape)} does not match policy_logps "
