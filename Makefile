@@ -40,3 +40,7 @@ measure: setup  ## the default pipeline over seeds 0,1,2, then the per-stage gol
 
 clean:  ## remove run outputs (not the model cache)
 	rm -rf outputs multirun/*/ .pytest_cache
+
+bench-objectives: setup  ## steps/s of every f-divergence objective relative to sft (warm reference cache)
+	$(BIN)/python benchmarks/bench_objectives.py --granularity sequence
+	$(BIN)/python benchmarks/bench_objectives.py --granularity token

@@ -92,13 +92,13 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _run_job(cfg: DictConfig, run_dir: Path, group: str) -> dict:
+    from transformers.utils import logging as hf_logging
+
     from ibridge.data import source_for
     from ibridge.jobs import JOBS as JOB_FUNCTIONS
     from ibridge.jobs.context import RunContext
     from ibridge.runtime import resolve_runtime, seed_everything
     from ibridge.tracking import RunLogger
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # weight-loading bars would bury the stage bars
     seed_everything(int(cfg.seed))

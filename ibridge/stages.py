@@ -71,6 +71,25 @@ def attach_reference(encoded: list[dict], kind: str, reference_path: Path, ctx, 
             example["ref_rejected"] = float(values[n + i].sum())
 
 
+def drift_evaluator(ctx, tokenizer, reference_path: Path):
+    """`kl/token` on held-out demonstrations: exact KL(pi || pi_ref) per prefix (DESIGN.md §1).
+
+    The reference model is loaded on first use and kept for the stage's later evaluations.
+    """
+    heldout_examples = ctx.source.examples("heldout_demonstrations")
+    if not heldout_examples:
+        return None
+    heldout, _ = encode_split(tokenizer, heldout_examples, "demonstrations", int(ctx.cfg.model.max_length))
+    reference = []
+
+    def evaluate(model) -> dict:
+        if not reference:
+            reference.append(load_model(reference_path, ctx.runtime))
+        return {"kl/token": token_kl(model, reference[0], heldout, ctx.runtime, tokenizer.pad_token_id)}
+
+    return evaluate
+
+
 def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path: Path, out_dir: Path,
                 reference_path: Path | None = None, run_name: str | None = None) -> dict:
     """Train one stage from `init_path`; returns the stage's record for results.json."""
@@ -96,6 +115,7 @@ def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path
         weight_decay=float(opt_cfg.weight_decay),
         max_grad_norm=float(opt_cfg.max_grad_norm),
         log_every=int(opt_cfg.log_every),
+        eval_every=int(opt_cfg.eval_every),
         warmup_ratio=float(cfg.schedule.warmup_ratio),
         schedule=str(cfg.schedule.name),
         seed=int(cfg.seed),
@@ -103,10 +123,11 @@ def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path
     ctx.logger.start(stage, run_name or stage, {"stage": stage, "stage_objective": objective.name, "stage_lr": lr})
     model = load_model(init_path, ctx.runtime)
     collate = collate_demonstrations if kind == "demonstrations" else collate_pairs
+    evaluate = drift_evaluator(ctx, tokenizer, reference_path) if kind == "demonstrations" else None
     summary = optimise(
         model, encoded, lambda items: collate(items, pad),
         demonstration_step(objective) if kind == "demonstrations" else preference_step(objective),
-        settings, ctx.runtime, log=ctx.logger.log, desc=f"{stage} ({objective.name})",
+        settings, ctx.runtime, log=ctx.logger.log, desc=f"{stage} ({objective.name})", evaluate=evaluate,
     )
     record = {
         "objective": objective.name,
@@ -119,13 +140,8 @@ def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path
         "init": str(init_path),
         "reference": str(reference_path),
     }
-    if kind == "demonstrations":
-        heldout, _ = encode_split(tokenizer, ctx.source.examples("heldout_demonstrations"), kind,
-                                  int(cfg.model.max_length))
-        reference = load_model(reference_path, ctx.runtime)
-        record["kl_token"] = token_kl(model, reference, heldout, ctx.runtime, pad)
-        ctx.logger.log({"kl/token": record["kl_token"]}, summary.steps)
-        del reference
+    if "kl/token" in summary.final_metrics:
+        record["kl_token"] = summary.final_metrics["kl/token"]
     checkpoint = save_checkpoint(model, tokenizer, Path(out_dir) / "checkpoint")
     record["checkpoint"] = str(checkpoint)
     ctx.logger.summary({f"stage/{k}": v for k, v in record.items() if isinstance(v, (int, float))})

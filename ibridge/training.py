@@ -37,6 +37,7 @@ class OptimSettings:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only after the last step
     warmup_ratio: float = 0.1
     schedule: str = "cosine"
     seed: int = 0
@@ -82,8 +83,13 @@ def optimise(
     runtime: Runtime,
     log: Callable[[dict, int], None] | None = None,
     desc: str = "train",
+    evaluate: Callable[[torch.nn.Module], dict] | None = None,
 ) -> StageSummary:
-    """Run `settings.total_steps` optimiser steps of `compute` over shuffled `items`."""
+    """Run `settings.total_steps` optimiser steps of `compute` over shuffled `items`.
+
+    `evaluate(model)`, when given, runs every `settings.eval_every` steps and after
+    the last one (in eval mode, without gradients); its metrics are logged at that step.
+    """
     if not items:
         raise ValueError(f"{desc}: no training examples")
     model.to(runtime.device)
@@ -143,6 +149,16 @@ def optimise(
             window.clear()
             window_tokens = 0
             window_start = now
+        due = settings.eval_every > 0 and step % settings.eval_every == 0
+        if evaluate is not None and (due or step == total):
+            model.eval()
+            with torch.no_grad():
+                eval_metrics = evaluate(model)
+            model.train()
+            final.update(eval_metrics)
+            if log is not None:
+                log(eval_metrics, step)
+            window_start = time.perf_counter()  # evaluation time is not training throughput
     progress.close()
     model.eval()
     return StageSummary(steps=total, runtime_s=time.perf_counter() - start, tokens=tokens, final_metrics=final)
