@@ -1,0 +1,201 @@
+"""Logits as a Q-function: pure tensor/array functions (DESIGN.md §1, "Logits as Q-function").
+
+In the token MDP (state ``s_t = (x, a_<t)``, action ``a_t`` the next token), with raw logits
+``l`` of the policy ``pi`` and of its reference ``pi_ref``:
+
+- ``Q(s, a) = beta * (l_pi(s, a) - l_ref(s, a))``
+- ``V(s) = beta * (logsumexp l_pi(s) - logsumexp l_ref(s))``
+- identity 1, per token: ``beta * log pi(a|s) / pi_ref(a|s) = Q(s, a) - V(s)``
+- per-token reward ``r_t = Q(s_t, a_t) - V(s_{t+1})``, with ``V = 0`` after the last
+  response token (after EOS)
+- identity 2, per sequence: ``sum_t r_t = r(x, y) + V(s_0)``, with
+  ``r(x, y) = beta * sum_t log pi(a_t|s_t) / pi_ref(a_t|s_t)`` and ``s_0`` the state before
+  the first response token.
+
+The identities need the models' *full raw* logits (a Hugging Face causal LM's ``.logits``), not
+log-probabilities; with log-softmax outputs ``V`` would be 0 and identity 1 trivially true.
+Both models must share the tokenizer (the same action space).
+
+Every per-token tensor here is aligned with :func:`ibridge.objectives.logprobs.token_logps`:
+shape ``(B, T-1)``, position ``j`` holds the quantities of the action ``labels[:, j+1]`` taken
+in the state ``input_ids[:, :j+1]``, and ``mask`` says where that action is a response token.
+The per-token implicit reward (``beta * log-ratio``) goes through ``token_logps`` (log-softmax
+picked at the label), ``Q`` and ``V`` straight from the logits, so the identities compare two
+independent computations.
+
+Precision: everything is computed in ``dtype`` (float64 by default) from the given logits, so
+for float32 logits the identities hold to ~1e-12; the caller bounds the memory this costs
+(``B * T * V`` elements of ``dtype``) through its batch size.
+
+Masks with several response segments (multi-turn chats) are handled: each segment's last
+token is followed by ``V = 0`` (the end of that assistant turn), and identity 2 then reads
+``sum_t r_t = r(x, y) + sum over segment starts of V(s_start)``; for the usual single response
+that is ``V(s_0)``. A response cut by ``max_length`` is treated as if it ended there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ibridge.evaluation.stats import auroc
+from ibridge.objectives.logprobs import token_logps
+
+__all__ = [
+    "check_identities",
+    "first_error_auroc",
+    "first_error_targets",
+    "q_values",
+    "sequence_values",
+]
+
+IGNORE_INDEX = -100
+
+
+def q_values(
+    policy_logits: Tensor,
+    ref_logits: Tensor,
+    labels: Tensor,
+    beta: float,
+    dtype: torch.dtype = torch.float64,
+) -> dict[str, Tensor]:
+    """Per-token Q, V, implicit reward and ``r_t`` of the labelled (response) tokens.
+
+    Args:
+        policy_logits: (B, T, V) raw logits of ``pi`` over ``input_ids`` (B, T).
+        ref_logits: (B, T, V) raw logits of ``pi_ref`` over the same ``input_ids``.
+        labels: (B, T), ``labels[t] = input_ids[t]`` on response tokens, -100 elsewhere.
+        beta: the KL coefficient (> 0).
+        dtype: arithmetic dtype (float64 by default).
+
+    Returns:
+        A dict of tensors in ``dtype`` (``mask`` bool), all zero where ``mask`` is off:
+
+        - per token, (B, T-1): ``q`` = Q(s_t, a_t); ``v`` = V(s_t); ``v_next`` = V(s_{t+1})
+          (0 after the last token of a response segment); ``token_reward`` =
+          ``beta * log pi(a_t|s_t) / pi_ref(a_t|s_t)``; ``r_t`` = ``q - v_next``; ``mask``.
+        - per sequence, (B,): ``reward`` = r(x, y) (sum of ``token_reward``); ``r_sum`` = sum of
+          ``r_t``; ``v_start`` = V(s_0) (summed over segment starts if there are several).
+    """
+    if policy_logits.shape != ref_logits.shape:
+        raise ValueError(
+            f"policy logits {tuple(policy_logits.shape)} and reference logits {tuple(ref_logits.shape)} "
+            "differ: the two models must share the tokenizer (vocabulary)"
+        )
+    if policy_logits.dim() != 3 or policy_logits.shape[:2] != labels.shape:
+        raise ValueError(f"expected logits (B, T, V) and labels (B, T); got {tuple(policy_logits.shape)}, "
+                         f"{tuple(labels.shape)}")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    lp = policy_logits.to(dtype)  # (B, T, V)
+    lr = ref_logits.to(dtype)  # (B, T, V)
+    logp_pi, mask = token_logps(lp, labels)  # (B, T-1), (B, T-1)
+    logp_ref, _ = token_logps(lr, labels)  # (B, T-1)
+    token_reward = beta * (logp_pi - logp_ref)  # (B, T-1)
+
+    actions = labels[:, 1:].masked_fill(~mask, 0).unsqueeze(-1)  # (B, T-1, 1)
+    q = beta * (lp[:, :-1].gather(-1, actions) - lr[:, :-1].gather(-1, actions)).squeeze(-1)  # (B, T-1)
+    v = beta * (torch.logsumexp(lp[:, :-1], dim=-1) - torch.logsumexp(lr[:, :-1], dim=-1))  # (B, T-1)
+    zero = torch.zeros((), dtype=dtype, device=q.device)
+    q = torch.where(mask, q, zero)
+    v = torch.where(mask, v, zero)
+
+    # V(s_{t+1}): the next position's V where the next action is still a response token, else 0
+    # (after EOS / the end of the segment).
+    nxt = torch.zeros_like(mask)  # (B, T-1)
+    nxt[:, :-1] = mask[:, :-1] & mask[:, 1:]
+    v_next = torch.zeros_like(v)  # (B, T-1)
+    v_next[:, :-1] = torch.where(nxt[:, :-1], v[:, 1:], zero)
+    r_t = torch.where(mask, q - v_next, zero)  # (B, T-1)
+
+    starts = mask.clone()  # (B, T-1): first token of each response segment
+    starts[:, 1:] &= ~mask[:, :-1]
+    return {
+        "q": q,
+        "v": v,
+        "v_next": v_next,
+        "token_reward": token_reward,
+        "r_t": r_t,
+        "mask": mask,
+        "reward": token_reward.sum(-1),  # (B,)
+        "r_sum": r_t.sum(-1),  # (B,)
+        "v_start": torch.where(starts, v, zero).sum(-1),  # (B,)
+    }
+
+
+def check_identities(values: dict[str, Tensor]) -> tuple[float, float]:
+    """Largest absolute errors of the two identities of DESIGN.md §1 over ``values``.
+
+    ``values`` is what :func:`q_values` returns. Returns ``(token, sequence)``:
+
+    - token: ``max |beta * log pi/pi_ref - (Q - V)|`` over response tokens (identity 1);
+    - sequence: ``max |sum_t r_t - (r(x, y) + V(s_0))|`` over sequences (identity 2).
+
+    0.0 when there is nothing to check.
+    """
+    mask = values["mask"]
+    token_err = (values["token_reward"] - (values["q"] - values["v"])).abs()[mask]
+    seq_err = (values["r_sum"] - (values["reward"] + values["v_start"])).abs()
+    return (
+        float(token_err.max()) if token_err.numel() else 0.0,
+        float(seq_err.max()) if seq_err.numel() else 0.0,
+    )
+
+
+def sequence_values(values: dict[str, Tensor], row: int) -> dict[str, list[float]]:
+    """The response tokens' ``q``, ``v``, ``token_reward`` and ``r_t`` of one row, as lists."""
+    mask = values["mask"][row]
+    return {key: values[key][row][mask].tolist() for key in ("q", "v", "token_reward", "r_t")}
+
+
+def first_error_targets(n_tokens: int, first_error: int | None) -> np.ndarray | None:
+    """Labels for finding the first wrong token of one response of ``n_tokens`` tokens.
+
+    Returns ``[0, ..., 0, 1]`` of length ``first_error + 1`` (the tokens up to and including
+    the first wrong one; those after it are not judged), or None when the response has no
+    error or its first error lies beyond its tokens (e.g. cut by ``max_length``).
+    """
+    if first_error is None or first_error < 0 or first_error >= n_tokens:
+        return None
+    targets = np.zeros(first_error + 1, dtype=float)
+    targets[first_error] = 1.0
+    return targets
+
+
+def first_error_auroc(
+    token_rewards: Sequence[Sequence[float]], first_errors: Sequence[int | None]
+) -> tuple[float | None, int, int]:
+    """AUROC of a per-token reward for finding the first wrong token of each response.
+
+    Convention: the tokens considered are, for every response that has an error, its tokens
+    up to and including the first wrong one; the positive class is "this token is the first
+    wrong token", and the score is the *negative* reward (a lower per-token reward should flag
+    the error). So 0.5 is chance, above 0.5 the reward drops at the error, below 0.5 it rises.
+
+    Args:
+        token_rewards: per response, the reward of each response token (in order).
+        first_errors: per response, the index of its first wrong token (None if none).
+
+    Returns:
+        ``(auroc, n_positive, n_negative)``; auroc is None when one class is empty (e.g. every
+        error is at the first token, or no response has an error).
+    """
+    scores, targets = [], []
+    for rewards, first_error in zip(token_rewards, first_errors, strict=True):
+        labels = first_error_targets(len(rewards), first_error)
+        if labels is None:
+            continue
+        scores.append(-np.asarray(rewards[: len(labels)], dtype=float))
+        targets.append(labels)
+    if not targets:
+        return None, 0, 0
+    score = np.concatenate(scores)
+    target = np.concatenate(targets)
+    n_pos = int(target.sum())
+    n_neg = int(target.size - n_pos)
+    if n_pos == 0 or n_neg == 0:
+        return None, n_pos, n_neg
+    return auroc(score, target), n_pos, n_neg
