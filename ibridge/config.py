@@ -73,6 +73,9 @@ def validate(cfg: DictConfig) -> None:
     if not 0 <= warmup < 1:
         raise ConfigError(f"schedule.warmup_ratio={warmup!r}: expected a number in [0, 1)")
 
+    if cfg.judge.name == "reward_model" and OmegaConf.is_missing(cfg.judge, "path"):
+        raise ConfigError("judge.path is not set: expected a reward model's hub name or local folder")
+
     provided = data_kinds_provided(cfg.data)
     needed = {data_kind_of(cfg.objective.name)}
     if cfg.job == "pipeline":

@@ -31,6 +31,8 @@ def test_every_option_composes_and_validates(group, option):
     overrides = [f"{group}={option}"]
     if group == "objective" and option in ("dpo", "cdpo", "ipo"):
         overrides.append("job=train")  # the pipeline's first stage needs a demonstration objective
+    if group == "judge" and option == "reward_model":
+        overrides.append("judge.path=some/reward-model")
     if group == "data" and option == "jsonl":
         overrides += ["job=train", "data.path=demos.jsonl"]  # local files hold one kind of example
     cfg = compose_config(overrides)
@@ -95,3 +97,8 @@ def test_forward_kl_is_refused_with_the_reason():
     with pytest.raises(ConfigError) as info:
         validate(cfg)
     assert "boundary" in str(info.value)
+
+
+def test_reward_model_judge_needs_a_path():
+    with pytest.raises(ConfigError, match="judge.path"):
+        validate(compose_config(["judge=reward_model"]))

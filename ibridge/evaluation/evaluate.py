@@ -40,25 +40,29 @@ def evaluate_checkpoint(
         policy, tokenizer, prompts, runtime, ev.max_new_tokens, ev.batch_size, ev.do_sample, ev.temperature,
         desc=f"generate ({generator})",
     )
-    judge = build_judge(cfg.judge)
+    judge = build_judge(cfg.judge, runtime)
     outputs = [gen["text"] for gen in generations]
     references = [example["reference"] for example in examples]
     verdicts = judge.score(prompts, outputs)
     ref_verdicts = judge.score(prompts, references)
-    rewards = np.array([v["reward"] for v in verdicts])
-    ref_rewards = np.array([v["reward"] for v in ref_verdicts])
-    prefs = stats.preferences_from_scores(rewards, ref_rewards)
     lengths = np.array([len(text.split()) for text in outputs])
     ref_lengths = np.array([len(text.split()) for text in references])
-    low, high = stats.bootstrap_ci(prefs, n_resamples=ev.bootstrap_resamples, seed=cfg.seed)
-    metrics = {
-        "gold_reward": float(rewards.mean()),
-        "win_rate": stats.win_rate(prefs),
-        "win_rate_ci": [low, high],
-        "lc_win_rate": stats.length_controlled_win_rate(prefs, lengths, ref_lengths),
-        "avg_length": float(lengths.mean()),
-        "num_prompts": len(prompts),
-    }
+    metrics = {"avg_length": float(lengths.mean()), "num_prompts": len(prompts), "judge": judge.name}
+    prefs = [None] * len(prompts)
+    if judge.scores:
+        rewards = np.array([v["reward"] for v in verdicts])
+        ref_rewards = np.array([v["reward"] for v in ref_verdicts])
+        prefs = stats.preferences_from_scores(rewards, ref_rewards)
+        low, high = stats.bootstrap_ci(prefs, n_resamples=ev.bootstrap_resamples, seed=cfg.seed)
+        metrics.update(
+            {
+                # The gold judge's reward; for a reward-model judge, its mean score.
+                "gold_reward" if judge.name == "gold" else "reward": float(rewards.mean()),
+                "win_rate": stats.win_rate(prefs),
+                "win_rate_ci": [low, high],
+                "lc_win_rate": stats.length_controlled_win_rate(prefs, lengths, ref_lengths),
+            }
+        )
     if reference_path is not None:
         pad = tokenizer.pad_token_id
         reference = load_model(reference_path, runtime)
@@ -87,7 +91,7 @@ def _write_generations(out_dir, examples, outputs, verdicts, ref_verdicts, prefs
                 "reward": verdict["reward"],
                 "first_error": verdict["first_error"],
                 "reference_reward": ref_verdict["reward"],
-                "preference": float(pref),
+                "preference": None if pref is None else float(pref),
             }
         )
     tmp = out_dir / ".generations.jsonl.tmp"

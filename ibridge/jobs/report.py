@@ -1,0 +1,43 @@
+"""`ibridge report`: tables and plots of a sweep (default: the newest under multirun/).
+
+Trains nothing and loads no model: reads every results.json below
+``report.path`` and writes report.md, report.json and PNGs into that folder
+(see :mod:`ibridge.analysis.report`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from ibridge.config import ConfigError
+
+SWEEPS_ROOT = Path("multirun")
+
+
+def run(ctx) -> None:
+    from ibridge.analysis.report import newest_sweep, write_report
+
+    path = OmegaConf.select(ctx.cfg, "report.path", default=None)
+    if path is None:
+        try:
+            sweep = newest_sweep(SWEEPS_ROOT)
+        except FileNotFoundError as err:
+            raise ConfigError(f"report.path=null: {err}") from None
+    else:
+        sweep = Path(str(path)).expanduser()
+        if not sweep.is_dir():
+            raise ConfigError(f"report.path={path}: no such folder")
+    try:
+        report = write_report(sweep)
+    except FileNotFoundError as err:
+        raise ConfigError(f"report.path={sweep}: {err}") from None
+    ctx.results["report"] = {
+        "path": report["files"]["report_md"],
+        "sweep": str(sweep),
+        "cells": report["n_cells"],
+        "runs": report["n_runs"],
+        "failed": report["n_failed_runs"],
+        "failed_cells": report["n_failed_cells"],
+    }
