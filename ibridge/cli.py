@@ -1,11 +1,12 @@
 """`ibridge [JOB] [hydra overrides]` — job dispatch and the Hydra entry point.
 
-JOB is one of pipeline (default), train, eval; everything after it is Hydra's
+JOB is one of pipeline (default), train, eval, qlogit, report; everything after it is Hydra's
 (`key=value`, `group=option`, `-m`, `--cfg job`, `--help`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -21,6 +22,14 @@ from ibridge.config import JOBS, ConfigError, validate
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 log = logging.getLogger("ibridge")
+
+
+def _dirname(overrides: str) -> str:
+    """A run folder name from Hydra's override_dirname: `default` when empty, no slashes."""
+    return (overrides or "default").replace("/", "_")
+
+
+OmegaConf.register_new_resolver("ibridge.dirname", _dirname, replace=True)
 
 
 def _split_job(args: list[str]) -> list[str]:
@@ -66,7 +75,7 @@ def run(cfg: DictConfig) -> dict:
     try:
         validate(cfg)
         OmegaConf.resolve(cfg)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        prepare_run_dir(run_dir, cfg)
         results.update(_run_job(cfg, run_dir, _group_name(hydra_cfg, run_dir)))
         results["status"] = "completed"
     except ConfigError as err:
@@ -89,6 +98,50 @@ def run(cfg: DictConfig) -> dict:
     write_json_atomic(run_dir / "results.json", results)
     log.info("results: %s", run_dir / "results.json")
     return results
+
+
+def config_fingerprint(cfg: DictConfig) -> str:
+    """Hash of the resolved config, minus keys that do not change what a run computes."""
+    import hashlib
+
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("output_dir", "resume"):
+        plain.pop(key, None)
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def prepare_run_dir(run_dir: Path, cfg: DictConfig) -> None:
+    """Resume a run folder holding the same config, or set an older run aside.
+
+    A folder is named by the command's overrides, so running a command again finds
+    its earlier run. With the same config it resumes; with a different one (a
+    changed default, say) it stops with an error rather than mix two runs, unless
+    ``resume=false``, which moves the earlier run's files to ``<folder>.bak-<time>``.
+    """
+    import shutil
+
+    marker = run_dir / "run.json"
+    fingerprint = config_fingerprint(cfg)
+    if marker.is_file():
+        previous = json.loads(marker.read_text()).get("config_fingerprint")
+        if cfg.resume and previous != fingerprint:
+            raise ConfigError(
+                f"run folder {run_dir} holds a run with a different config; pass resume=false to start "
+                f"over (the earlier run is kept as {run_dir.name}.bak-<time>) or choose hydra.run.dir"
+            )
+        if not cfg.resume:
+            backup = run_dir.with_name(f"{run_dir.name}.bak-{time.strftime('%Y%m%d-%H%M%S')}")
+            backup.mkdir()
+            for entry in run_dir.iterdir():
+                if entry.name != ".hydra" and not entry.name.endswith(".log"):
+                    shutil.move(str(entry), backup / entry.name)
+            log.info("resume=false: moved the earlier run to %s", backup)
+        else:
+            log.info("resuming the run in %s", run_dir)
+    from ibridge.io import write_json_atomic
+
+    write_json_atomic(marker, {"config_fingerprint": fingerprint})
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
 
 
 def _run_job(cfg: DictConfig, run_dir: Path, group: str) -> dict:

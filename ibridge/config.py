@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
-JOBS = ("pipeline", "train", "eval")
+JOBS = ("pipeline", "train", "eval", "qlogit", "report")
 STAGE_KEYS = ("sft", "dpo")
 
 
@@ -51,6 +51,32 @@ def data_kinds_provided(data_cfg: Mapping) -> set[str]:
     return set(source_for(data_cfg).kinds)
 
 
+def _model_folder(key: str, value) -> None:
+    """A local checkpoint must be a Hugging Face folder with safetensors weights."""
+    from pathlib import Path
+
+    path = Path(str(value)).expanduser()
+    if not path.exists():
+        if str(value).startswith((".", "/", "~")):
+            raise ConfigError(f"{key}={value}: no such folder")
+        return  # a hub name; loading will say if it is unknown
+    if not path.is_dir() or not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+        raise ConfigError(f"{key}={value}: not a model folder (expected config.json and *.safetensors)")
+
+
+def _paths_exist(cfg: DictConfig) -> None:
+    from pathlib import Path
+
+    for key in ("checkpoint", "reference", "model.name_or_path"):
+        value = OmegaConf.select(cfg, key)
+        if value:
+            _model_folder(key, value)
+    for key in ("data.path", "data.heldout_path"):
+        value = OmegaConf.select(cfg, key, default=None)
+        if value and value != "???" and not Path(str(value)).expanduser().exists():
+            raise ConfigError(f"{key}={value}: no such file or folder")
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError for the first invalid setting of `cfg`."""
     from ibridge.objectives import data_kind_of
@@ -64,6 +90,12 @@ def validate(cfg: DictConfig) -> None:
     for stage in STAGE_KEYS:
         for key in ("batch_size", "grad_accum", "epochs", "log_every"):
             _positive_int(cfg, f"{stage}.{key}")
+        for key in ("max_steps", "save_every", "eval_every"):
+            value = OmegaConf.select(cfg, f"{stage}.{key}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < (-1 if key == "max_steps" else 0):
+                raise ConfigError(f"{stage}.{key}={value!r}: expected an integer >= {-1 if key == 'max_steps' else 0}")
+        if not isinstance(OmegaConf.select(cfg, f"{stage}.weight_decay"), (int, float)):
+            raise ConfigError(f"{stage}.weight_decay: expected a number >= 0")
         if OmegaConf.select(cfg, f"{stage}.weight_decay") < 0:
             raise ConfigError(f"{stage}.weight_decay: expected a number >= 0")
     _positive_int(cfg, "eval.max_new_tokens")
@@ -76,6 +108,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.judge.name == "reward_model" and OmegaConf.is_missing(cfg.judge, "path"):
         raise ConfigError("judge.path is not set: expected a reward model's hub name or local folder")
 
+    _paths_exist(cfg)
     provided = data_kinds_provided(cfg.data)
     needed = {data_kind_of(cfg.objective.name)}
     if cfg.job == "pipeline":
@@ -96,5 +129,7 @@ def validate(cfg: DictConfig) -> None:
                 f"objective={cfg.objective.name} needs {', '.join(sorted(missing))} but "
                 f"data={cfg.data.kind} provides {', '.join(sorted(provided))}"
             )
+    if cfg.job in ("report", "qlogit"):
+        return
     if cfg.job == "eval" and "eval" not in provided:
         raise ConfigError(f"data={cfg.data.kind} has no evaluation prompts; eval needs data=toy")

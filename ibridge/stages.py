@@ -7,7 +7,9 @@ The reference pi_ref is the model the stage starts from unless given (DESIGN.md
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -15,6 +17,7 @@ import torch
 from ibridge.data.collate import collate_demonstrations, collate_pairs
 from ibridge.data.formatting import encode_split
 from ibridge.evaluation.drift import token_kl
+from ibridge.io import write_json_atomic
 from ibridge.models import cache_root, load_model, load_tokenizer, save_checkpoint
 from ibridge.objectives import build_objective
 from ibridge.objectives.logprobs import sequence_logps, token_logps
@@ -22,6 +25,8 @@ from ibridge.refcache import cached_reference_logps
 from ibridge.training import OptimSettings, optimise
 
 log = logging.getLogger(__name__)
+
+STAGE_RECORD = "stage.json"
 
 
 def demonstration_step(objective):
@@ -92,8 +97,17 @@ def drift_evaluator(ctx, tokenizer, reference_path: Path):
 
 def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path: Path, out_dir: Path,
                 reference_path: Path | None = None, run_name: str | None = None) -> dict:
-    """Train one stage from `init_path`; returns the stage's record for results.json."""
+    """Train one stage from `init_path`; returns the stage's record for results.json.
+
+    Resumable: a stage whose ``stage.json`` exists finished earlier and is skipped; a
+    stage with a saved state under ``<out_dir>/state`` continues from it.
+    """
     cfg = ctx.cfg
+    out_dir = Path(out_dir)
+    done_marker = out_dir / STAGE_RECORD
+    if done_marker.is_file() and (out_dir / "checkpoint").is_dir():
+        log.info("%s: finished earlier (%s); skipping", stage, done_marker)
+        return json.loads(done_marker.read_text())
     reference_path = Path(reference_path or init_path)
     objective = build_objective(objective_cfg)
     kind = objective.data_kind
@@ -115,6 +129,7 @@ def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path
         weight_decay=float(opt_cfg.weight_decay),
         max_grad_norm=float(opt_cfg.max_grad_norm),
         log_every=int(opt_cfg.log_every),
+        save_every=int(opt_cfg.get("save_every", 0)),
         eval_every=int(opt_cfg.eval_every),
         warmup_ratio=float(cfg.schedule.warmup_ratio),
         schedule=str(cfg.schedule.name),
@@ -128,6 +143,7 @@ def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path
         model, encoded, lambda items: collate(items, pad),
         demonstration_step(objective) if kind == "demonstrations" else preference_step(objective),
         settings, ctx.runtime, log=ctx.logger.log, desc=f"{stage} ({objective.name})", evaluate=evaluate,
+        state_dir=out_dir / "state", bookmark=ctx.logger.bookmark, rewind=ctx.logger.rewind,
     )
     record = {
         "objective": objective.name,
@@ -137,13 +153,16 @@ def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path
         "tokens": summary.tokens,
         "examples": len(encoded),
         "truncated": enc_stats.truncated,
+        "resumed_from_step": summary.resumed_from,
         "init": str(init_path),
         "reference": str(reference_path),
     }
     if "kl/token" in summary.final_metrics:
         record["kl_token"] = summary.final_metrics["kl/token"]
-    checkpoint = save_checkpoint(model, tokenizer, Path(out_dir) / "checkpoint")
+    checkpoint = save_checkpoint(model, tokenizer, out_dir / "checkpoint")
     record["checkpoint"] = str(checkpoint)
+    write_json_atomic(done_marker, record)  # the stage counts as finished only from here
+    shutil.rmtree(out_dir / "state", ignore_errors=True)
     ctx.logger.summary({f"stage/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
     ctx.logger.finish()
     del model

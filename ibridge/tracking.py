@@ -68,10 +68,24 @@ class RunLogger:
 
     def log(self, metrics: dict, step: int | None = None) -> None:
         record = {"stage": self.stage, "step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        line = json.dumps(record) + "\n"
+        # One write of a whole line, so a kill leaves at most one partial last line,
+        # which `read_metrics` skips and a resumed stage cuts away.
         with self.metrics_path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(line)
         if self._wandb_run is not None:
             self._wandb_run.log(metrics, step=step)
+
+    def bookmark(self) -> dict:
+        """Where metrics.jsonl ends now; `rewind` cuts it back to here."""
+        return {"metrics_offset": self.metrics_path.stat().st_size if self.metrics_path.exists() else 0}
+
+    def rewind(self, bookmark: dict) -> None:
+        """Drop what was logged after `bookmark` (a resumed stage logs it again)."""
+        offset = int(bookmark.get("metrics_offset", 0))
+        if self.metrics_path.exists() and self.metrics_path.stat().st_size > offset:
+            with self.metrics_path.open("r+b") as handle:
+                handle.truncate(offset)
 
     def summary(self, metrics: dict) -> None:
         if self._wandb_run is not None:
@@ -94,3 +108,17 @@ def _plain(value):
     if hasattr(value, "item"):
         return value.item()
     return value
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl, ignoring a partial last line left by a kill."""
+    records = []
+    path = Path(path)
+    if not path.exists():
+        return records
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records

@@ -14,16 +14,21 @@ The loop knows no loss: a stage passes `compute(model, batch) -> ObjectiveOutput
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from ibridge.checkpointing import has_state, load_state, save_state
 from ibridge.runtime import Runtime
 
 
@@ -37,6 +42,7 @@ class OptimSettings:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     log_every: int = 10
+    save_every: int = 0  # 0: no mid-stage state (the stage restarts from its beginning)
     eval_every: int = 0  # 0: evaluate only after the last step
     warmup_ratio: float = 0.1
     schedule: str = "cosine"
@@ -72,6 +78,29 @@ class StageSummary:
     runtime_s: float
     tokens: int
     final_metrics: dict[str, float]
+    resumed_from: int = 0
+
+
+class StopRequested(RuntimeError):
+    """SIGTERM arrived: the stage saved its state at a step boundary and stopped."""
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """Turn SIGTERM into a flag the loop checks between steps (main thread only)."""
+    flag = {"stop": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        flag["stop"] = True
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def optimise(
@@ -84,11 +113,21 @@ def optimise(
     log: Callable[[dict, int], None] | None = None,
     desc: str = "train",
     evaluate: Callable[[torch.nn.Module], dict] | None = None,
+    state_dir: Path | None = None,
+    bookmark: Callable[[], dict] | None = None,
+    rewind: Callable[[dict], None] | None = None,
 ) -> StageSummary:
     """Run `settings.total_steps` optimiser steps of `compute` over shuffled `items`.
 
     `evaluate(model)`, when given, runs every `settings.eval_every` steps and after
     the last one (in eval mode, without gradients); its metrics are logged at that step.
+
+    With `state_dir`, the full training state is saved every `settings.save_every`
+    steps (and on SIGTERM), and a state found there is resumed: model, optimiser,
+    scheduler and the data order are restored, and `rewind(bookmark)` drops metrics
+    logged after the saved step, so a resumed stage ends exactly as an uninterrupted
+    one. The data order needs no saved RNG: it is a pure function of the seed and the
+    number of micro-batches consumed.
     """
     if not items:
         raise ValueError(f"{desc}: no training examples")
@@ -109,56 +148,93 @@ def optimise(
         num_training_steps=total,
     )
     stream = micro_batches(len(items), settings.batch_size, settings.seed)
-    window: dict[str, list[float]] = defaultdict(list)
+    done = 0
+    payload: dict = {}
+    if state_dir is not None and has_state(state_dir):
+        payload = load_state(state_dir, model, optimizer, scheduler)
+        done = int(payload["step"])
+        for _ in range(done * settings.grad_accum):
+            next(stream)
+        if rewind is not None and "bookmark" in payload:
+            rewind(payload["bookmark"])
+    save_every = settings.save_every
+    if save_every > 0 and save_every % settings.log_every:
+        # Save only where the metrics window is empty, so nothing half-averaged is lost.
+        save_every = (save_every // settings.log_every + 1) * settings.log_every
+
+    def save(step: int) -> None:
+        if state_dir is not None:
+            extra = {"bookmark": bookmark() if bookmark else {}, "tokens": tokens}
+            save_state(state_dir, model, optimizer, scheduler, step, extra)
+
+    window: dict[str, list] = defaultdict(list)
     final: dict[str, float] = {}
-    tokens = 0
+    tokens = int(payload.get("tokens", 0))
     window_tokens = 0
     start = window_start = time.perf_counter()
-    progress = tqdm(range(1, total + 1), desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5)
-    for step in progress:
-        for _ in range(settings.grad_accum):
-            epoch, indices = next(stream)
-            batch = to_device(collate([items[i] for i in indices]), runtime.device)
-            with runtime.autocast():
-                out = compute(model, batch)
-            loss = out.loss
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"{desc}: loss is {loss.item()} at step {step} (epoch {epoch})")
-            (loss / settings.grad_accum).backward()
-            window["train/loss"].append(loss.item())
-            for key, value in out.metrics.items():
-                window[key].append(float(value))
-            n_tokens = int(batch["attention_mask"].sum())
-            tokens += n_tokens
-            window_tokens += n_tokens
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
-        window["train/grad_norm"].append(float(grad_norm))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % settings.log_every == 0 or step == total:
-            now = time.perf_counter()
-            metrics = {key: sum(values) / len(values) for key, values in window.items()}
-            metrics["train/lr"] = scheduler.get_last_lr()[0]
-            metrics["train/epoch"] = epoch + 1
-            metrics["train/tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
-            progress.set_postfix(loss=f"{metrics['train/loss']:.4f}")
-            if log is not None:
-                log(metrics, step)
-            final = metrics
-            window.clear()
-            window_tokens = 0
-            window_start = now
-        due = settings.eval_every > 0 and step % settings.eval_every == 0
-        if evaluate is not None and (due or step == total):
-            model.eval()
-            with torch.no_grad():
-                eval_metrics = evaluate(model)
-            model.train()
-            final.update(eval_metrics)
-            if log is not None:
-                log(eval_metrics, step)
-            window_start = time.perf_counter()  # evaluation time is not training throughput
+    progress = tqdm(range(done + 1, total + 1), desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5,
+                    initial=done, total=total)
+    with stop_on_sigterm() as signal_flag:
+        for step in progress:
+            step_loss = 0.0
+            for _ in range(settings.grad_accum):
+                epoch, indices = next(stream)
+                batch = to_device(collate([items[i] for i in indices]), runtime.device)
+                with runtime.autocast():
+                    out = compute(model, batch)
+                (out.loss / settings.grad_accum).backward()
+                step_loss = step_loss + out.loss.detach() / settings.grad_accum
+                for key, value in out.metrics.items():
+                    window[key].append(value)
+                n_tokens = int(batch["attention_mask"].sum())
+                tokens += n_tokens
+                window_tokens += n_tokens
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+            # One host sync per step: the loss and the gradient norm must be finite
+            # before the update touches the weights.
+            loss_value, norm_value = torch.stack([step_loss, grad_norm.detach().float()]).tolist()
+            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+                what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+                raise NonFiniteLoss(
+                    f"{desc}: {what} is {loss_value if what == 'loss' else norm_value} at step {step} "
+                    f"(epoch {epoch + 1}); the weights were not updated and the last saved state is kept"
+                )
+            window["train/loss"].append(loss_value)
+            window["train/grad_norm"].append(norm_value)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step % settings.log_every == 0 or step == total:
+                now = time.perf_counter()
+                metrics = {key: float(sum(float(v) for v in values) / len(values)) for key, values in window.items()}
+                metrics["train/lr"] = scheduler.get_last_lr()[0]
+                metrics["train/epoch"] = epoch + 1
+                metrics["train/tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
+                progress.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+                if log is not None:
+                    log(metrics, step)
+                final = metrics
+                window.clear()
+                window_tokens = 0
+                window_start = now
+            due = settings.eval_every > 0 and step % settings.eval_every == 0
+            if evaluate is not None and (due or step == total):
+                model.eval()
+                with torch.no_grad():
+                    eval_metrics = evaluate(model)
+                model.train()
+                final.update(eval_metrics)
+                if log is not None:
+                    log(eval_metrics, step)
+                window_start = time.perf_counter()  # evaluation time is not training throughput
+            if step < total and save_every > 0 and step % save_every == 0:
+                save(step)
+            # On SIGTERM, train on to the next logging step (where the metrics window is
+            # empty, so the saved state is exact), save, and stop.
+            if signal_flag["stop"] and step < total and step % settings.log_every == 0:
+                save(step)
+                raise StopRequested(f"{desc}: stopped by SIGTERM after step {step}; run the same command to resume")
     progress.close()
     model.eval()
-    return StageSummary(steps=total, runtime_s=time.perf_counter() - start, tokens=tokens, final_metrics=final)
+    return StageSummary(steps=total, runtime_s=time.perf_counter() - start, tokens=tokens, final_metrics=final,
+                        resumed_from=done)

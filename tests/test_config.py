@@ -8,7 +8,9 @@ from omegaconf import OmegaConf
 
 from ibridge.cli import CONF_DIR
 from ibridge.config import ConfigError, validate
-from tests.conftest import compose_config
+from tests.conftest import REPO, compose_config
+
+DATA = REPO / "tests" / "data"
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
 
@@ -34,7 +36,7 @@ def test_every_option_composes_and_validates(group, option):
     if group == "judge" and option == "reward_model":
         overrides.append("judge.path=some/reward-model")
     if group == "data" and option == "jsonl":
-        overrides += ["job=train", "data.path=demos.jsonl"]  # local files hold one kind of example
+        overrides += ["job=train", f"data.path={DATA / 'demos.jsonl'}"]  # local files hold one kind of example
     cfg = compose_config(overrides)
     OmegaConf.resolve(cfg)
     validate(cfg)
@@ -81,7 +83,7 @@ def test_bad_values_name_the_key(override, key):
 
 
 def test_preference_objective_on_demonstration_data_fails():
-    cfg = compose_config(["job=train", "objective=dpo", "data=jsonl", "data.path=/nonexistent.jsonl"])
+    cfg = compose_config(["job=train", "objective=dpo", "data=jsonl", f"data.path={DATA / 'demos.jsonl'}"])
     with pytest.raises(ConfigError, match="needs preferences"):
         validate(cfg)
 
@@ -102,3 +104,24 @@ def test_forward_kl_is_refused_with_the_reason():
 def test_reward_model_judge_needs_a_path():
     with pytest.raises(ConfigError, match="judge.path"):
         validate(compose_config(["judge=reward_model"]))
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["job=train", "data=jsonl", "data.path=/no/such/file.jsonl"], "data.path"),
+        (["job=eval", "checkpoint=/no/such/folder"], "checkpoint"),
+        (["job=eval", "checkpoint=TESTS_DATA"], "checkpoint"),  # a folder with no model in it
+        (["job=train", "objective=jsd", "objective.max_weight=1"], "objective.max_weight"),
+        (["sft.max_steps=-5"], "sft.max_steps"),
+        (["dpo.save_every=-1"], "dpo.save_every"),
+        (["model.max_length=0"], "model.max_length"),
+        (["dpo.batch_size=2.5"], "dpo.batch_size"),
+        (["schedule.warmup_ratio=1.5"], "schedule.warmup_ratio"),
+    ],
+)
+def test_out_of_range_values_and_missing_paths_name_the_key(overrides, key):
+    overrides = [o.replace("TESTS_DATA", str(DATA)) for o in overrides]
+    with pytest.raises(ConfigError) as info:
+        validate(compose_config(overrides))
+    assert key in str(info.value) and "\n" not in str(info.value)

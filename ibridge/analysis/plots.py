@@ -24,6 +24,7 @@ from matplotlib.patches import Rectangle
 
 __all__ = [
     "COLORS",
+    "group_color",
     "new_figure",
     "plot_histograms",
     "plot_mean_by_position",
@@ -66,24 +67,32 @@ def shorten(text: str, width: int = 40) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def plot_histograms(ax, groups: Mapping[str, Sequence[float]], xlabel: str, bins: int = 30,
+def plot_histograms(ax, groups: Mapping[str, Sequence[float]], xlabel: str, bins: int | None = None,
                     show_means: bool = True) -> None:
-    """Overlaid histograms of several groups on shared bins, with dashed lines at the means."""
+    """Overlaid histograms of several groups on shared bins, with dashed lines at the means.
+
+    ``bins`` defaults to about 1.5·sqrt(n) (10 to 40) for n values in all.
+    """
     arrays = {name: np.asarray(values, dtype=float) for name, values in groups.items()}
     everything = np.concatenate([a for a in arrays.values() if a.size] or [np.zeros(1)])
+    if bins is None:
+        bins = int(np.clip(1.5 * np.sqrt(everything.size), 10, 40))
     low, high = float(everything.min()), float(everything.max())
-    if high - low < 1e-12:  # all equal (e.g. policy == reference): one visible bin around it
+    if high - low < 1e-12:  # all equal (e.g. policy == reference): one bar centred on the value
         low, high = low - 0.5, high + 0.5
+        bins |= 1
     edges = np.linspace(low, high, bins + 1)
     for index, (name, values) in enumerate(arrays.items()):
         color = group_color(name, index)
-        ax.hist(values, bins=edges, alpha=0.45, color=color, edgecolor=color, linewidth=0.8,
-                label=f"{name} (n={values.size})")
+        label = f"{name}: n={values.size}"
+        label += f", mean {values.mean():.3g} (dashed)" if show_means and values.size else ""
+        ax.hist(values, bins=edges, alpha=0.45, color=color, edgecolor=color, linewidth=0.8, label=label)
         if show_means and values.size:
-            ax.axvline(values.mean(), color=color, linestyle="--", linewidth=1.5)
+            ax.axvline(values.mean(), ymax=0.8, color=color, linestyle="--", linewidth=1.5)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("count")
-    ax.legend(frameon=False, fontsize=9)
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.3)  # headroom for the legend
+    ax.legend(frameon=False, fontsize=8.5, loc="upper left")
 
 
 def plot_mean_by_position(ax, groups: Mapping[str, Sequence[Sequence[float]]], ylabel: str,
@@ -134,8 +143,7 @@ def plot_token_heatmap(fig, ax, rows: Sequence[Mapping], colorbar_label: str, ma
         grid[i, : values.size] = values
     finite = np.abs(grid[np.isfinite(grid)])
     bound = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
-    colormap = matplotlib.colormaps[cmap].copy()
-    colormap.set_bad("0.94")
+    colormap = matplotlib.colormaps[cmap].with_extremes(bad="0.94")  # light grey beyond a row's end
     norm = TwoSlopeNorm(vcenter=0.0, vmin=-bound, vmax=bound)
     image = ax.imshow(np.ma.masked_invalid(grid), cmap=colormap, norm=norm, aspect="auto",
                       interpolation="nearest")
@@ -147,7 +155,8 @@ def plot_token_heatmap(fig, ax, rows: Sequence[Mapping], colorbar_label: str, ma
                     color="white" if dark else "black")
         mark = row.get("mark")
         if mark is not None and 0 <= mark < n_cols:
-            ax.add_patch(Rectangle((mark - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2.2))
+            ax.add_patch(Rectangle((mark - 0.45, i - 0.45), 0.9, 0.9, fill=False, edgecolor="black",
+                                   linewidth=2.0, zorder=3))
         if row.get("separator") and i > 0:
             ax.axhline(i - 0.5, color="black", linewidth=1.2)
     ax.set_yticks(range(n_rows), [row["label"] for row in rows], fontsize=fontsize + 1)

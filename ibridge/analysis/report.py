@@ -32,6 +32,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 
 from ibridge.evaluation.stats import mean_and_stderr
@@ -61,6 +62,8 @@ class Column:
         group, stage, metric = self.key.split(".")
         return group, stage, metric
 
+
+_OUTCOMES = ("win_rate", "lc_win_rate", "gold_reward")
 
 # The table's metric columns: post-SFT is evaluated against the base model as
 # reference, post-DPO against the SFT model it started from.
@@ -323,12 +326,12 @@ def _fmt_lr(lr) -> str:
     return "—" if lr is None else (f"{lr:g}" if isinstance(lr, float) else str(lr))
 
 
-def _fmt_stat(stat: dict | None, fmt: str, n_cell: int) -> str:
+def _fmt_stat(stat: dict | None, fmt: str, n_cell: int, pm: str = " ± ") -> str:
     if not stat:
         return "—"
     text = format(stat["mean"], fmt)
     if stat["se"] is not None:
-        text += f" ± {format(stat['se'], fmt)}"
+        text += f"{pm}{format(stat['se'], fmt)}"
     if stat["n"] != n_cell:
         text += f" (n={stat['n']})"
     return text
@@ -347,19 +350,20 @@ def _status_text(cell: Cell, limit: int | None = None) -> str:
     return f"{cell.status}: {error}"
 
 
-def _row(cell: Cell, extras: dict[int, str], show_extra: bool, limit: int | None) -> list[str]:
+def _row(cell: Cell, extras: dict[int, str], show_extra: bool, limit: int | None, pm: str = " ± ",
+         columns: tuple[Column, ...] = COLUMNS) -> list[str]:
     n = len(cell.completed)
     row = [cell.objective, _fmt_lr(cell.lr)]
     if show_extra:
         row.append(extras[id(cell)] or "—")
     row += [_fmt_seeds(cell), str(n), _status_text(cell, limit)]
-    row += [_fmt_stat(cell.stat(col.key), col.fmt, n) for col in COLUMNS]
+    row += [_fmt_stat(cell.stat(col.key), col.fmt, n, pm) for col in columns]
     return row
 
 
-def _headers(show_extra: bool) -> list[str]:
+def _headers(show_extra: bool, columns: tuple[Column, ...] = COLUMNS) -> list[str]:
     return ["objective", "SFT lr", *(["overrides"] if show_extra else []), "seeds", "n", "status",
-            *(col.header for col in COLUMNS)]
+            *(col.header for col in columns)]
 
 
 def _md_escape(text: str) -> str:
@@ -414,17 +418,41 @@ def _rel(path: Path, base: Path) -> str:
         return str(path)
 
 
-def _console_table(sweep_dir: Path, cells: list[Cell]) -> Table:
+def _console_table(title: str, cells: list[Cell], columns: tuple[Column, ...]) -> Table:
     extras = _varying_extras(cells)
     show_extra = any(extras.values())
-    table = Table(title=f"sweep report — {sweep_dir} (mean ± se over seeds)")
-    for i, header in enumerate(_headers(show_extra)):
-        numeric = i >= len(_headers(show_extra)) - len(COLUMNS)
-        table.add_column(header, justify="right" if numeric else "left", overflow="fold")
+    table = Table(title=title)
+    headers = _headers(show_extra, columns)
+    for i, header in enumerate(headers):
+        if i >= len(headers) - len(columns):  # metrics: "mean ±se" breaks before ± when narrow
+            table.add_column(header.replace(" ", "\n", 1), justify="right", min_width=6)
+        elif header == "status":  # the full errors follow the table
+            table.add_column(header, overflow="fold", min_width=10, max_width=32)
+        else:
+            table.add_column(header, no_wrap=True)
     for cell in cells:
         style = {"ok": None, "failed": "red"}.get(cell.status, "yellow")
-        table.add_row(*(escape(v) for v in _row(cell, extras, show_extra, limit=None)), style=style)
+        row = _row(cell, extras, show_extra, limit=60, pm=" ±", columns=columns)
+        table.add_row(*(escape(value) for value in row), style=style)
     return table
+
+
+def _print_console(console: Console, sweep_dir: Path, cells: list[Cell], runs: list[Run]) -> None:
+    """One table, or two (outcomes, drift) when one is wider than the console; then the errors."""
+    title = f"sweep report — {sweep_dir} (mean ± se over seeds)"
+    table = _console_table(title, cells, COLUMNS)
+    wide = console.options.update(width=100_000, max_width=100_000)
+    if Measurement.get(console, wide, table).maximum <= console.width:
+        console.print(table)
+    else:
+        outcomes = tuple(col for col in COLUMNS if col.key.rsplit(".", 1)[1] in _OUTCOMES)
+        drift = tuple(col for col in COLUMNS if col not in outcomes)
+        console.print(_console_table(f"{title}: win rate and gold reward", cells, outcomes))
+        console.print(_console_table(f"{title}: KL drift and implicit-reward accuracy", cells, drift))
+    for run in runs:
+        if not run.completed:
+            console.print(f"[red]{escape(run.status)} {escape(_rel(run.path, sweep_dir))}: "
+                          f"{escape(_one_line(run.error or ''))}[/red]")
 
 
 # --------------------------------------------------------------------------- plots
@@ -440,8 +468,10 @@ def _series(cells: list[Cell]) -> dict[str, list[Cell]]:
     return series
 
 
-def _colors(labels: Iterable[str]) -> dict[str, str]:
-    return {label: f"C{i % 10}" for i, label in enumerate(labels)}
+def _colors(labels: Iterable[str]) -> dict[str, tuple[str, str]]:
+    """A colour and a marker per series, so overlapping lines stay distinguishable."""
+    markers = "osD^vPX*"
+    return {label: (f"C{i % 10}", markers[i % len(markers)]) for i, label in enumerate(labels)}
 
 
 def _points(cells: list[Cell], key: str) -> tuple[list[float], list[float], list[float]]:
@@ -459,6 +489,7 @@ def _points(cells: list[Cell], key: str) -> tuple[list[float], list[float], list
 def _no_data(ax) -> None:
     ax.text(0.5, 0.5, "no completed cell has this metric", ha="center", va="center",
             transform=ax.transAxes, color="gray")
+    ax.tick_params(which="both", labelbottom=False, labelleft=False)
 
 
 def _lr_axis(ax, lrs: set[float]) -> None:
@@ -480,12 +511,15 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _plot_vs_lr(ax, cells: list[Cell], key: str, colors: dict[str, str]) -> set[float]:
+def _plot_vs_lr(ax, cells: list[Cell], key: str, colors: dict[str, tuple[str, str]]) -> set[float]:
     lrs: set[float] = set()
-    for label, group in _series(cells).items():
+    series = _series(cells)
+    for i, (label, group) in enumerate(series.items()):
         xs, ys, es = _points(group, key)
         if xs:
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label, color=colors[label])
+            dodge = 10 ** (0.015 * (i - (len(series) - 1) / 2))  # keep equal points' error bars apart
+            color, marker = colors[label]
+            ax.errorbar([x * dodge for x in xs], ys, yerr=es, marker=marker, capsize=3, label=label, color=color)
             lrs.update(xs)
     if lrs:
         ax.legend(title="SFT objective", fontsize=8, title_fontsize=8)
@@ -524,19 +558,25 @@ def plot_sft_vs_dpo(cells: list[Cell], path: Path) -> Path:
     colors = _colors(series)
     fig = Figure(figsize=(6.4, 5.6), layout="constrained")
     ax = fig.add_subplot()
+    extras = _varying_extras(cells)
     values: list[float] = []
+    notes: dict[tuple[float, float], list[str]] = {}  # cells at the same point share one label
     for label, group in series.items():
         first = True
         for cell in group:
             sft, dpo = cell.stat("eval.sft.win_rate"), cell.stat("eval.dpo.win_rate")
             if not (sft and dpo):
                 continue
-            ax.errorbar(sft["mean"], dpo["mean"], xerr=sft["se"] or 0.0, yerr=dpo["se"] or 0.0, fmt="o",
-                        capsize=3, color=colors[label], label=label if first else None)
-            ax.annotate(f"{cell.objective} {_fmt_lr(cell.lr)}", (sft["mean"], dpo["mean"]),
-                        xytext=(5, 4), textcoords="offset points", fontsize=7)
+            color, marker = colors[label]
+            ax.errorbar(sft["mean"], dpo["mean"], xerr=sft["se"] or 0.0, yerr=dpo["se"] or 0.0, fmt=marker,
+                        capsize=3, color=color, label=label if first else None)
+            note = " ".join(filter(None, (cell.objective, _fmt_lr(cell.lr), extras[id(cell)])))
+            notes.setdefault((round(sft["mean"], 3), round(dpo["mean"], 3)), []).append(note)
             values += [sft["mean"], dpo["mean"]]
             first = False
+    for point, labels in notes.items():
+        ax.annotate("\n".join(labels), point, xytext=(5, 4), textcoords="offset points", fontsize=7,
+                    va="bottom")
     if values:
         low, high = min(values), max(values)
         pad = max(0.05, 0.1 * (high - low))
@@ -618,12 +658,8 @@ def write_report(sweep_dir: Path, out_dir: Path | None = None, console: Console 
     report_md.write_text(_markdown(sweep_dir, cells, runs, plots), encoding="utf-8")
     write_json_atomic(report_json, payload)
 
-    console = console or Console()
-    console.print(_console_table(sweep_dir, cells))
-    for run in runs:
-        if not run.completed:
-            console.print(f"[red]{run.status}[/red] {escape(_rel(run.path, sweep_dir))}: "
-                          f"{escape(_one_line(run.error or ''))}")
+    console = console or Console(width=None if sys.stdout.isatty() else 240)
+    _print_console(console, sweep_dir, cells, runs)
     console.print(f"report: {escape(str(report_md))} (+ report.json, {len(plots)} plots)")
     return payload
 

@@ -74,7 +74,6 @@ def evaluate_checkpoint(
         pairs, _ = encode_split(tokenizer, source.examples("heldout_pairs"), "preferences", cfg.model.max_length)
         metrics["implicit_reward_acc"] = implicit_reward_accuracy(policy, reference, pairs, runtime, pad)
     _write_generations(out_dir, examples, outputs, verdicts, ref_verdicts, prefs, generator)
-    write_json_atomic(out_dir / "eval.json", metrics)
     return metrics
 
 

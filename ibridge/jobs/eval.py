@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import json
+
 from ibridge.evaluation.evaluate import evaluate_checkpoint
+from ibridge.io import write_json_atomic
 
 
 def evaluate_stage(ctx, label: str, policy, reference) -> dict:
-    """Evaluate `policy` as its own wandb run (job_type eval) under ``eval/<label>``."""
+    """Evaluate `policy` as its own wandb run (job_type eval) under ``eval/<label>``.
+
+    ``eval/<label>/eval.json`` is written last: when it exists (a resumed run) the
+    evaluation is not repeated.
+    """
+    out_dir = ctx.run_dir / "eval" / label
+    marker = out_dir / "eval.json"
+    if marker.is_file():
+        return json.loads(marker.read_text())
     ctx.logger.start("eval", f"eval-{label}-s{ctx.cfg.seed}", {"evaluated": label})
-    metrics = evaluate_checkpoint(
-        ctx.cfg, ctx.source, policy, reference, ctx.runtime, ctx.run_dir / "eval" / label, generator=label
-    )
-    scalars = {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+    metrics = evaluate_checkpoint(ctx.cfg, ctx.source, policy, reference, ctx.runtime, out_dir, generator=label)
+    scalars = {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     ctx.logger.log(scalars, step=0)
     ctx.logger.summary(scalars)
     ctx.logger.finish()
+    write_json_atomic(marker, metrics)
     return metrics
 
 
