@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 import traceback
@@ -32,20 +33,56 @@ def _dirname(overrides: str) -> str:
 OmegaConf.register_new_resolver("ibridge.dirname", _dirname, replace=True)
 
 
+# Hydra flags that take a value: the word after them is not a JOB (`--cfg job`).
+FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                    "--config-dir", "-cd", "--experimental-rerun", "--info", "-i"}
+
+
 def _split_job(args: list[str]) -> list[str]:
-    """Turn a leading positional JOB into the override ``job=JOB``."""
-    if args and not args[0].startswith("-") and "=" not in args[0]:
-        job = args[0]
-        if job not in JOBS:
-            print(f"ibridge: unknown job {job!r}; valid jobs: {', '.join(JOBS)}", file=sys.stderr)
+    """Turn the first positional word (JOB) into the override ``job=JOB``.
+
+    JOB may come after Hydra's flags (`ibridge -m train lr=...`) as well as before.
+    """
+    skip_next = False
+    for index, arg in enumerate(args):
+        if skip_next:
+            skip_next = False
+            continue
+        if arg in FLAGS_WITH_VALUE:
+            skip_next = True
+            continue
+        if arg.startswith("-") or "=" in arg:
+            continue
+        if arg not in JOBS:
+            print(f"ibridge: unknown job {arg!r}; valid jobs: {', '.join(JOBS)}", file=sys.stderr)
             raise SystemExit(2)
-        return [f"job={job}", *args[1:]]
+        return [*args[:index], f"job={arg}", *args[index + 1 :]]
+    return args
+
+
+def _is_sweep_axis(arg: str) -> bool:
+    """`key=a,b` or `key=range(...)`/`choice(...)`/`glob(...)`: an axis Hydra sweeps."""
+    if "=" not in arg or arg.startswith("-"):
+        return False
+    value = re.sub(r"\[[^\]]*\]|\{[^}]*\}|'[^']*'|\"[^\"]*\"", "", arg.split("=", 1)[1])
+    return "," in value or re.match(r"\s*(range|choice|glob|interval)\(", value) is not None
+
+
+def _default_grid(args: list[str]) -> list[str]:
+    """`ibridge -m` with no sweep axis runs the learning-rate grid (conf/grid/lr.yaml).
+
+    With axes on the command line, only those are swept, unless a `grid=` is given too.
+    """
+    multirun = any(arg in ("-m", "--multirun") for arg in args)
+    chosen = any(arg.startswith(("grid=", "+grid=")) for arg in args)
+    if multirun and not chosen and not any(_is_sweep_axis(arg) for arg in args):
+        return [*args, "grid=lr"]
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
-    sys.argv = [sys.argv[0] if sys.argv else "ibridge", *_split_job(args)]
+    sys.argv = [sys.argv[0] if sys.argv else "ibridge", *_default_grid(_split_job(args))]
     _hydra_entry()
 
 
@@ -155,7 +192,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, group: str) -> dict:
 
     hf_logging.disable_progress_bar()  # weight-loading bars would bury the stage bars
     seed_everything(int(cfg.seed))
-    runtime = resolve_runtime(cfg.trainer)
+    runtime = resolve_runtime(cfg.trainer, cfg.model)
     config = OmegaConf.to_container(cfg, resolve=True)
     logger = RunLogger(run_dir, cfg.logger, config, group)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, runtime=runtime, logger=logger, source=source_for(cfg.data))

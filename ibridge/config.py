@@ -45,10 +45,13 @@ def _objective_errors(cfg: Mapping, key: str) -> None:
 
 
 def data_kinds_provided(data_cfg: Mapping) -> set[str]:
-    """Which kinds of examples a data config can supply."""
-    from ibridge.data import source_for
+    """Which kinds of examples a data config can supply (reads no data)."""
+    from ibridge.data import DataError, source_for
 
-    return set(source_for(data_cfg).kinds)
+    try:
+        return set(source_for(data_cfg).kinds)
+    except DataError as err:  # a bad data.kind / data.examples / data.path: one line, before any model loads
+        raise ConfigError(str(err)) from None
 
 
 def _model_folder(key: str, value) -> None:
@@ -71,7 +74,10 @@ def _paths_exist(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value:
             _model_folder(key, value)
-    for key in ("data.path", "data.heldout_path"):
+    # data.path and data.heldout_path, also of the data configs under data.*_from
+    prefixes = ["data"] + [f"data.{k}" for k in ("demonstrations_from", "preferences_from", "eval_from")
+                           if OmegaConf.select(cfg, f"data.{k}", default=None)]
+    for key in (f"{prefix}.{name}" for prefix in prefixes for name in ("path", "heldout_path")):
         value = OmegaConf.select(cfg, key, default=None)
         if value and value != "???" and not Path(str(value)).expanduser().exists():
             raise ConfigError(f"{key}={value}: no such file or folder")

@@ -31,16 +31,19 @@ def cache_root(model_cfg) -> Path:
     return Path(str(model_cfg.get("cache_dir") or "~/.cache/ibridge")).expanduser()
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path, runtime: Runtime | None = None):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    trust = bool(runtime and runtime.trust_remote_code)
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust)
 
 
-def load_model(path: str | Path, runtime: Runtime, trust_remote_code: bool = False):
+def load_model(path: str | Path, runtime: Runtime, trust_remote_code: bool | None = None):
     """A causal LM from a Hugging Face folder or hub name, fp32 weights on `runtime.device`."""
     from transformers import AutoModelForCausalLM
 
+    if trust_remote_code is None:
+        trust_remote_code = runtime.trust_remote_code
     path = str(path)
     local = Path(path).expanduser()
     if local.exists() and not any(local.glob("*.safetensors")):

@@ -32,9 +32,23 @@ log = logging.getLogger(__name__)
 FULL_HASH_LIMIT = 512 * 2**20
 
 
+def _local_folder(path) -> Path:
+    """A hub name resolves to its cached snapshot (whose folder names the revision)."""
+    local = Path(str(path)).expanduser()
+    if local.exists():
+        return local
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(path), local_files_only=True))
+    except Exception:  # not cached: the name alone keys the cache
+        return local
+
+
 def model_fingerprint(path: Path) -> str:
     digest = hashlib.sha256()
-    path = Path(path)
+    path = _local_folder(path)
+    digest.update(str(path).encode() if not path.exists() else b"")
     for file in sorted(path.glob("*.safetensors")) + sorted(path.glob("config.json")):
         stat = file.stat()
         digest.update(file.name.encode())

@@ -14,6 +14,7 @@ class Runtime:
     device: torch.device
     precision: str  # "fp32" | "bf16" | "fp16"
     attn_implementation: str = "eager"
+    trust_remote_code: bool = False  # off unless model.trust_remote_code=true
 
     def autocast(self):
         """Mixed precision on accelerators; a no-op in fp32.
@@ -28,7 +29,7 @@ class Runtime:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
 
-def resolve_runtime(trainer_cfg) -> Runtime:
+def resolve_runtime(trainer_cfg, model_cfg=None) -> Runtime:
     requested = trainer_cfg.get("device", "auto")
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
@@ -49,7 +50,8 @@ def resolve_runtime(trainer_cfg) -> Runtime:
     threads = int(trainer_cfg.get("num_threads", 0) or 0)
     if threads > 0:
         torch.set_num_threads(threads)
-    return Runtime(device=device, precision=precision, attn_implementation=attn)
+    trust = bool((model_cfg or {}).get("trust_remote_code", False))
+    return Runtime(device=device, precision=precision, attn_implementation=attn, trust_remote_code=trust)
 
 
 def seed_everything(seed: int) -> None:

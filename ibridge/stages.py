@@ -111,7 +111,7 @@ def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path
     reference_path = Path(reference_path or init_path)
     objective = build_objective(objective_cfg)
     kind = objective.data_kind
-    tokenizer = load_tokenizer(init_path)
+    tokenizer = load_tokenizer(init_path, ctx.runtime)
     pad = tokenizer.pad_token_id
     encoded, enc_stats = encode_split(tokenizer, ctx.source.examples(kind), kind, int(cfg.model.max_length))
     if enc_stats.truncated:

@@ -30,7 +30,7 @@ def evaluate_checkpoint(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ev = cfg.eval
-    tokenizer = load_tokenizer(policy_path)
+    tokenizer = load_tokenizer(policy_path, runtime)
     policy = load_model(policy_path, runtime)
     examples = source.examples("eval")
     if ev.num_prompts > 0:

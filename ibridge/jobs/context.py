@@ -23,11 +23,15 @@ class RunContext:
     results: dict = field(default_factory=dict)
 
     @cached_property
-    def base_model(self) -> Path:
-        """The base model's folder: built once and cached for the toy model."""
+    def base_model(self) -> Path | str:
+        """The base model: the toy model's folder (built once and cached), or for
+        ``model.kind=hf`` ``model.name_or_path`` as given, a hub name
+        (``meta-llama/Meta-Llama-3-8B``) or a local folder (``~`` expanded)."""
         if self.cfg.model.kind == "toy":
             return ensure_toy_base(self.cfg.model, self.source.world_config, self.runtime)
-        return Path(str(self.cfg.model.name_or_path))
+        name = str(self.cfg.model.name_or_path)
+        local = Path(name).expanduser()
+        return str(local) if local.exists() or name.startswith((".", "/", "~")) else name
 
     def run_name(self, stage: str, objective: str, lr: float) -> str:
         """Names that say the overrides, e.g. ``sft-jsd-lr1e-06-s0``."""
