@@ -1,6 +1,7 @@
 """Resumable training state: model, optimiser, scheduler and position, without pickle.
 
-A state folder holds ``model.safetensors`` (+ config) written by ``save_pretrained``,
+A state folder holds ``model.safetensors`` (every weight of the module being trained,
+LoRA-wrapped or not, via ``safetensors.torch.save_model``),
 ``optimizer.safetensors`` (every tensor of the optimiser state) and
 ``trainer_state.json`` (step, scheduler state, optimiser hyper-parameters, the
 metrics-file bookmark). It is written to a staging folder and renamed into place,
@@ -35,8 +36,10 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
 
 
 def save_state(final_dir: Path, model, optimizer, scheduler, step: int, extra: dict) -> None:
+    from safetensors.torch import save_model
+
     tmp = staging_dir(final_dir)
-    model.save_pretrained(tmp, safe_serialization=True)
+    save_model(model, str(tmp / "model.safetensors"))
     tensors, meta = _optimizer_tensors(optimizer)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     payload = {"step": step, "optimizer": meta, "scheduler": scheduler.state_dict(), **extra}
@@ -50,7 +53,7 @@ def load_state(state_dir: Path, model, optimizer, scheduler) -> dict:
 
     state_dir = Path(state_dir)
     payload = json.loads((state_dir / STATE_FILE).read_text())
-    load_model(model, str(state_dir / "model.safetensors"), strict=False, device=str(next(model.parameters()).device))
+    load_model(model, str(state_dir / "model.safetensors"), device=str(next(model.parameters()).device))
     tensors = load_file(str(state_dir / "optimizer.safetensors"))
     per_param: dict[int, dict] = {}
     for name, value in tensors.items():

@@ -18,6 +18,7 @@ from ibridge.data.collate import collate_demonstrations, collate_pairs
 from ibridge.data.formatting import encode_split
 from ibridge.evaluation.drift import token_kl
 from ibridge.io import write_json_atomic
+from ibridge.lora import lora_enabled, merged, wrap_with_lora
 from ibridge.models import cache_root, load_model, load_tokenizer, save_checkpoint
 from ibridge.objectives import build_objective
 from ibridge.objectives.logprobs import sequence_logps, token_logps
@@ -137,6 +138,8 @@ def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path
     )
     ctx.logger.start(stage, run_name or stage, {"stage": stage, "stage_objective": objective.name, "stage_lr": lr})
     model = load_model(init_path, ctx.runtime)
+    if lora_enabled(cfg.model):
+        model = wrap_with_lora(model, cfg.model.lora)
     collate = collate_demonstrations if kind == "demonstrations" else collate_pairs
     evaluate = drift_evaluator(ctx, tokenizer, reference_path) if kind == "demonstrations" else None
     summary = optimise(
@@ -155,10 +158,12 @@ def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path
         "truncated": enc_stats.truncated,
         "resumed_from_step": summary.resumed_from,
         "init": str(init_path),
+        "lora": lora_enabled(cfg.model),
         "reference": str(reference_path),
     }
     if "kl/token" in summary.final_metrics:
         record["kl_token"] = summary.final_metrics["kl/token"]
+    model = merged(model)  # a LoRA stage's checkpoint is the merged model: the next stage's reference
     checkpoint = save_checkpoint(model, tokenizer, out_dir / "checkpoint")
     record["checkpoint"] = str(checkpoint)
     write_json_atomic(done_marker, record)  # the stage counts as finished only from here

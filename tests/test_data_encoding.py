@@ -25,6 +25,7 @@ from ibridge.objectives import build_objective
 from ibridge.runtime import Runtime
 from ibridge.stages import attach_reference, demonstration_step, preference_step
 from ibridge.training import OptimSettings, optimise
+from tests.conftest import compose_config
 from tests.test_data_sources import (
     NON_ASCII,
     ULTRACHAT,
@@ -121,7 +122,7 @@ def test_labels_cover_exactly_every_assistant_turn(files):
     demos = source_for({"kind": "ultrachat", "path": str(files.chat)}).examples("demonstrations")
     encoded, stats = encode_split(tokenizer, demos, "demonstrations", max_length=512)
     assert len(encoded) == 4 and stats.truncated == 0
-    for example, item, row in zip(demos, encoded, ULTRACHAT, strict=True):
+    for example, item in zip(demos, encoded, strict=True):
         kept = example.get("messages") or [*example["prompt"], msg("assistant", example["response"])]
         expected = [m["content"] + "<|im_end|>\n" for m in kept if m["role"] == "assistant"]
         assert labelled_spans(tokenizer, item) == expected
@@ -183,6 +184,19 @@ def test_prepare_tokenizer_adds_template_and_pad_and_the_saved_one_is_reused(fil
     assert reloaded.chat_template == CHATML and reloaded.pad_token_id == tokenizer.pad_token_id
     pairs = source_for({"kind": "ultrafeedback", "path": str(files.prefs)}).examples("preferences")
     assert encode_split(reloaded, pairs, "preferences", 512)[0] == encode_split(tokenizer, pairs, "preferences", 512)[0]
+
+
+@pytest.mark.parametrize("model", ["llama3_8b", "mistral_7b"])
+def test_base_model_configs_template_labels_every_assistant_turn(files, model):
+    model_cfg = compose_config([f"model={model}"]).model
+    assert model_cfg.kind == "hf" and model_cfg.trust_remote_code is False
+    tokenizer = prepare_tokenizer(build_tokenizer(chat_template=None, pad=False), model_cfg)
+    demos = source_for({"kind": "ultrachat", "path": str(files.chat)}).examples("demonstrations")
+    encoded, _ = encode_split(tokenizer, demos, "demonstrations", 512)
+    assert tokenizer.decode(encoded[1]["input_ids"]) == (
+        "<|begin|><|system|>\nYou are terse.<|im_end|>\n<|user|>\nSay hello.<|im_end|>\n"
+        "<|assistant|>\nHello.<|im_end|>\n")
+    assert labelled_spans(tokenizer, encoded[0]) == ["Blue.<|im_end|>\n", "Green, like grass.<|im_end|>\n"]
 
 
 def _changed(before: dict, model) -> bool:

@@ -182,6 +182,15 @@ def test_paper_data_configs_pair_ultrachat_with_ultrafeedback(tmp_path):
     validate(cfg)
     source = source_for(cfg.data)
     assert len(source.examples("demonstrations")) == 4 and len(source.examples("preferences")) == 3
+    # A snapshot folder holds both splits; evaluation prompts come from the held-out pairs.
+    write_parquet(tmp_path / "uf" / "data" / "train_prefs-00000-of-00001.parquet", ULTRAFEEDBACK)
+    write_parquet(tmp_path / "uf" / "data" / "test_prefs-00000-of-00001.parquet", ULTRAFEEDBACK_TEST)
+    cfg = compose_config(["job=eval", "data=ultrachat", f"data.path={chat}",
+                          f"data.preferences_from.path={tmp_path / 'uf'}"])
+    validate(cfg)
+    source = source_for(cfg.data)
+    assert [e["reference"] for e in source.examples("eval")] == ["Tokyo (東京)."]
+    assert len(source.examples("heldout_pairs")) == 1 and len(source.examples("preferences")) == 3
 
 
 def test_generic_local_pairs_and_eval_in_alpaca_format(tmp_path):

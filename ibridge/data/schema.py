@@ -127,7 +127,7 @@ def parse_pair(row, origin: str) -> dict:
                             f"got {messages[last]['role']!r}")
     head_c, head_r = sides["chosen"][:-1], sides["rejected"][:-1]
     if head_c != head_r:
-        at = next((i for i, (a, b) in enumerate(zip(head_c, head_r)) if a != b), min(len(head_c), len(head_r)))
+        at = next((i for i, (a, b) in enumerate(zip(head_c, head_r, strict=False)) if a != b), min(len(head_c), len(head_r)))
         raise DataError(f"{origin}: chosen and rejected differ at message {at}, before their last message; "
                         f"expected the same prompt messages in both")
     if head_c:
