@@ -99,8 +99,10 @@ def _group_name(hydra_cfg, run_dir: Path) -> str:
 
 
 def run(cfg: DictConfig) -> dict:
-    """Validate, run the job, and write results.json last, atomically."""
+    """Validate, run the job, and write results.json last, atomically (rank 0 only under DDP)."""
+    from ibridge.distributed import barrier, shutdown
     from ibridge.io import write_json_atomic
+    from ibridge.runtime import resolve_runtime
 
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -109,15 +111,26 @@ def run(cfg: DictConfig) -> dict:
     results: dict = {"status": "running", "job": cfg.job, "run_dir": str(run_dir),
                      "overrides": list(hydra_cfg.overrides.task)}
     started = time.time()
+    main_process = True
+    runtime = None
+
+    def write_results(payload: dict) -> None:
+        if main_process:
+            write_json_atomic(run_dir / "results.json", payload)
+
     try:
         validate(cfg)
         OmegaConf.resolve(cfg)
-        prepare_run_dir(run_dir, cfg)
-        results.update(_run_job(cfg, run_dir, _group_name(hydra_cfg, run_dir)))
+        runtime = resolve_runtime(cfg.trainer, cfg.model)
+        main_process = runtime.dist.is_main
+        if main_process:
+            prepare_run_dir(run_dir, cfg)
+        barrier(runtime.dist)
+        results.update(_run_job(cfg, run_dir, _group_name(hydra_cfg, run_dir), runtime))
         results["status"] = "completed"
     except ConfigError as err:
         results.update(status="failed", error=f"config error: {err}")
-        write_json_atomic(run_dir / "results.json", results)
+        write_results(results)
         if multirun:
             log.error("config error: %s", err)
             return results
@@ -125,14 +138,18 @@ def run(cfg: DictConfig) -> dict:
         raise SystemExit(2) from None
     except Exception as err:  # the run is marked failed; a sweep's other cells go on
         results.update(status="failed", error=f"{type(err).__name__}: {err}")
-        (run_dir / "error.log").write_text(traceback.format_exc())
-        write_json_atomic(run_dir / "results.json", {**results, "runtime_s": round(time.time() - started, 2)})
+        if main_process:
+            (run_dir / "error.log").write_text(traceback.format_exc())
+        write_results({**results, "runtime_s": round(time.time() - started, 2)})
         if multirun:
             log.error("run failed: %s (traceback in %s)", err, run_dir / "error.log")
             return results
         raise
+    finally:
+        if runtime is not None:
+            shutdown(runtime.dist)
     results["runtime_s"] = round(time.time() - started, 2)
-    write_json_atomic(run_dir / "results.json", results)
+    write_results(results)
     log.info("results: %s", run_dir / "results.json")
     return results
 
@@ -181,20 +198,19 @@ def prepare_run_dir(run_dir: Path, cfg: DictConfig) -> None:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
 
 
-def _run_job(cfg: DictConfig, run_dir: Path, group: str) -> dict:
+def _run_job(cfg: DictConfig, run_dir: Path, group: str, runtime) -> dict:
     from transformers.utils import logging as hf_logging
 
     from ibridge.data import source_for
     from ibridge.jobs import JOBS as JOB_FUNCTIONS
     from ibridge.jobs.context import RunContext
-    from ibridge.runtime import resolve_runtime, seed_everything
+    from ibridge.runtime import seed_everything
     from ibridge.tracking import RunLogger
 
     hf_logging.disable_progress_bar()  # weight-loading bars would bury the stage bars
     seed_everything(int(cfg.seed))
-    runtime = resolve_runtime(cfg.trainer, cfg.model)
     config = OmegaConf.to_container(cfg, resolve=True)
-    logger = RunLogger(run_dir, cfg.logger, config, group)
+    logger = RunLogger(run_dir, cfg.logger, config, group, enabled=runtime.dist.is_main)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, runtime=runtime, logger=logger, source=source_for(cfg.data))
     log.info("job=%s run_dir=%s device=%s precision=%s", cfg.job, run_dir, runtime.device, runtime.precision)
     try:

@@ -8,6 +8,7 @@ only (never pickle).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from ibridge.distributed import DistInfo
 from ibridge.io import publish_dir, staging_dir
 from ibridge.runtime import Runtime, seed_everything
 
@@ -105,7 +107,8 @@ def ensure_toy_base(model_cfg, world_config, runtime: Runtime) -> Path:
             log.info("toy base model: reusing %s", final)
             return final
         log.info("toy base model: building %s (once; cached afterwards)", final)
-        build_toy_base(model_cfg, world_config, runtime, final)
+        # Built by one process even under DDP (the others wait on the lock).
+        build_toy_base(model_cfg, world_config, dataclasses.replace(runtime, dist=DistInfo()), final)
     return final
 
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ibridge.distributed import DistInfo, init_distributed
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -15,6 +17,7 @@ class Runtime:
     precision: str  # "fp32" | "bf16" | "fp16"
     attn_implementation: str = "eager"
     trust_remote_code: bool = False  # off unless model.trust_remote_code=true
+    dist: DistInfo = DistInfo()
 
     def autocast(self):
         """Mixed precision on accelerators; a no-op in fp32.
@@ -30,9 +33,12 @@ class Runtime:
 
 
 def resolve_runtime(trainer_cfg, model_cfg=None) -> Runtime:
+    dist = init_distributed(trainer_cfg)
     requested = trainer_cfg.get("device", "auto")
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and dist.enabled:
+        requested = f"cuda:{dist.local_rank}"
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"trainer.device={requested}: no CUDA device is available")
     device = torch.device(requested)
@@ -51,7 +57,7 @@ def resolve_runtime(trainer_cfg, model_cfg=None) -> Runtime:
     if threads > 0:
         torch.set_num_threads(threads)
     trust = bool((model_cfg or {}).get("trust_remote_code", False))
-    return Runtime(device=device, precision=precision, attn_implementation=attn, trust_remote_code=trust)
+    return Runtime(device=device, precision=precision, attn_implementation=attn, trust_remote_code=trust, dist=dist)
 
 
 def seed_everything(seed: int) -> None:

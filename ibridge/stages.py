@@ -16,6 +16,7 @@ import torch
 
 from ibridge.data.collate import collate_demonstrations, collate_pairs
 from ibridge.data.formatting import encode_split
+from ibridge.distributed import barrier
 from ibridge.evaluation.drift import token_kl
 from ibridge.io import write_json_atomic
 from ibridge.lora import lora_enabled, merged, wrap_with_lora
@@ -59,14 +60,22 @@ def attach_reference(encoded: list[dict], kind: str, reference_path: Path, ctx, 
         sequences = encoded
     else:
         sequences = [ex["chosen"] for ex in encoded] + [ex["rejected"] for ex in encoded]
-    values = cached_reference_logps(
-        reference_path,
-        sequences,
-        ctx.runtime,
-        pad_id,
-        cache_root(ctx.cfg.model),
-        load_reference=lambda: load_model(reference_path, ctx.runtime),
-    )
+    def lookup():
+        return cached_reference_logps(
+            reference_path,
+            sequences,
+            ctx.runtime,
+            pad_id,
+            cache_root(ctx.cfg.model),
+            load_reference=lambda: load_model(reference_path, ctx.runtime),
+        )
+
+    # Under DDP rank 0 runs the reference pass and fills the cache; the others read it.
+    dist_info = ctx.runtime.dist
+    values = lookup() if dist_info.is_main else None
+    barrier(dist_info)
+    if values is None:
+        values = lookup()
     if kind == "demonstrations":
         for example, value in zip(encoded, values, strict=True):
             example["ref_logps"] = value
@@ -163,11 +172,16 @@ def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path
     }
     if "kl/token" in summary.final_metrics:
         record["kl_token"] = summary.final_metrics["kl/token"]
+    if ctx.runtime.dist.enabled:
+        record["world_size"] = ctx.runtime.dist.world_size
+        record["rank_checksums"] = summary.rank_checksums
     model = merged(model)  # a LoRA stage's checkpoint is the merged model: the next stage's reference
-    checkpoint = save_checkpoint(model, tokenizer, out_dir / "checkpoint")
-    record["checkpoint"] = str(checkpoint)
-    write_json_atomic(done_marker, record)  # the stage counts as finished only from here
-    shutil.rmtree(out_dir / "state", ignore_errors=True)
+    record["checkpoint"] = str(out_dir / "checkpoint")
+    if ctx.runtime.dist.is_main:
+        save_checkpoint(model, tokenizer, out_dir / "checkpoint")
+        write_json_atomic(done_marker, record)  # the stage counts as finished only from here
+        shutil.rmtree(out_dir / "state", ignore_errors=True)
+    barrier(ctx.runtime.dist)
     ctx.logger.summary({f"stage/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
     ctx.logger.finish()
     del model

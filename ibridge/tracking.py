@@ -34,7 +34,8 @@ def scrub(config: dict) -> dict:
 class RunLogger:
     """Writes every metric to `<run_dir>/metrics.jsonl` and, when enabled, to wandb."""
 
-    def __init__(self, run_dir: Path, logger_cfg, config: dict, group: str):
+    def __init__(self, run_dir: Path, logger_cfg, config: dict, group: str, enabled: bool = True):
+        self.enabled = enabled  # False on DDP ranks other than 0: one writer per run
         self.run_dir = Path(run_dir)
         self.backend = logger_cfg.get("backend", "none")
         self.logger_cfg = logger_cfg
@@ -47,7 +48,7 @@ class RunLogger:
     def start(self, stage: str, name: str, extra_config: dict | None = None) -> None:
         self.finish()
         self.stage = stage
-        if self.backend != "wandb":
+        if self.backend != "wandb" or not self.enabled:
             return
         import wandb
 
@@ -67,6 +68,8 @@ class RunLogger:
         )
 
     def log(self, metrics: dict, step: int | None = None) -> None:
+        if not self.enabled:
+            return
         record = {"stage": self.stage, "step": step, **{k: _plain(v) for k, v in metrics.items()}}
         line = json.dumps(record) + "\n"
         # One write of a whole line, so a kill leaves at most one partial last line,
@@ -82,6 +85,8 @@ class RunLogger:
 
     def rewind(self, bookmark: dict) -> None:
         """Drop what was logged after `bookmark` (a resumed stage logs it again)."""
+        if not self.enabled:
+            return
         offset = int(bookmark.get("metrics_offset", 0))
         if self.metrics_path.exists() and self.metrics_path.stat().st_size > offset:
             with self.metrics_path.open("r+b") as handle:

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ibridge.checkpointing import has_state, load_state, save_state
+from ibridge.distributed import parameter_checksums, wrap
 from ibridge.runtime import Runtime
 
 
@@ -48,19 +49,27 @@ class OptimSettings:
     schedule: str = "cosine"
     seed: int = 0
 
-    def total_steps(self, n_items: int) -> int:
-        per_epoch = max(1, math.ceil(n_items / (self.batch_size * self.grad_accum)))
+    def total_steps(self, n_items: int, world_size: int = 1) -> int:
+        per_epoch = max(1, math.ceil(n_items / (self.batch_size * self.grad_accum * world_size)))
         return self.max_steps if self.max_steps > 0 else self.epochs * per_epoch
 
 
-def micro_batches(n_items: int, batch_size: int, seed: int):
-    """Endless shuffled micro-batches of indices, a fresh permutation each epoch."""
+def micro_batches(n_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    """Endless shuffled micro-batches of indices, a fresh permutation each epoch.
+
+    Every rank draws the same permutation and takes its share of each global batch
+    of ``batch_size * world_size`` (so `batch_size` is per process). A short last
+    batch still gives every rank at least one example: DDP needs every rank to step.
+    """
     generator = torch.Generator().manual_seed(seed)
     epoch = 0
+    step = batch_size * world_size
     while True:
         order = torch.randperm(n_items, generator=generator).tolist()
-        for start in range(0, n_items, batch_size):
-            yield epoch, order[start : start + batch_size]
+        for start in range(0, n_items, step):
+            chunk = order[start : start + step]
+            share = chunk[rank::world_size] or chunk[-1:]
+            yield epoch, share
         epoch += 1
 
 
@@ -79,6 +88,7 @@ class StageSummary:
     tokens: int
     final_metrics: dict[str, float]
     resumed_from: int = 0
+    rank_checksums: list[float] | None = None  # per-rank sum of |parameters|: equal when in sync
 
 
 class StopRequested(RuntimeError):
@@ -131,6 +141,7 @@ def optimise(
     """
     if not items:
         raise ValueError(f"{desc}: no training examples")
+    dist_info = runtime.dist
     model.to(runtime.device)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and "norm" not in n]
@@ -140,14 +151,14 @@ def optimise(
         lr=settings.lr,
         foreach=True,
     )
-    total = settings.total_steps(len(items))
+    total = settings.total_steps(len(items), dist_info.world_size)
     scheduler = get_scheduler(
         settings.schedule if settings.schedule != "constant" else "constant_with_warmup",
         optimizer,
         num_warmup_steps=int(settings.warmup_ratio * total),
         num_training_steps=total,
     )
-    stream = micro_batches(len(items), settings.batch_size, settings.seed)
+    stream = micro_batches(len(items), settings.batch_size, settings.seed, dist_info.rank, dist_info.world_size)
     done = 0
     payload: dict = {}
     if state_dir is not None and has_state(state_dir):
@@ -162,8 +173,10 @@ def optimise(
         # Save only where the metrics window is empty, so nothing half-averaged is lost.
         save_every = (save_every // settings.log_every + 1) * settings.log_every
 
+    trained = wrap(model, dist_info, runtime.device)  # DDP averages gradients across ranks
+
     def save(step: int) -> None:
-        if state_dir is not None:
+        if state_dir is not None and dist_info.is_main:
             extra = {"bookmark": bookmark() if bookmark else {}, "tokens": tokens}
             save_state(state_dir, model, optimizer, scheduler, step, extra)
 
@@ -173,7 +186,7 @@ def optimise(
     window_tokens = 0
     start = window_start = time.perf_counter()
     progress = tqdm(range(done + 1, total + 1), desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5,
-                    initial=done, total=total)
+                    initial=done, total=total, disable=not dist_info.is_main)
     with stop_on_sigterm() as signal_flag:
         for step in progress:
             step_loss = 0.0
@@ -181,7 +194,7 @@ def optimise(
                 epoch, indices = next(stream)
                 batch = to_device(collate([items[i] for i in indices]), runtime.device)
                 with runtime.autocast():
-                    out = compute(model, batch)
+                    out = compute(trained, batch)
                 (out.loss / settings.grad_accum).backward()
                 step_loss = step_loss + out.loss.detach() / settings.grad_accum
                 for key, value in out.metrics.items():
@@ -218,7 +231,7 @@ def optimise(
                 window_tokens = 0
                 window_start = now
             due = settings.eval_every > 0 and step % settings.eval_every == 0
-            if evaluate is not None and (due or step == total):
+            if evaluate is not None and (due or step == total) and dist_info.is_main:
                 model.eval()
                 with torch.no_grad():
                     eval_metrics = evaluate(model)
@@ -236,5 +249,6 @@ def optimise(
                 raise StopRequested(f"{desc}: stopped by SIGTERM after step {step}; run the same command to resume")
     progress.close()
     model.eval()
+    checksums = parameter_checksums(model, dist_info)
     return StageSummary(steps=total, runtime_s=time.perf_counter() - start, tokens=tokens, final_metrics=final,
-                        resumed_from=done)
+                        resumed_from=done, rank_checksums=checksums)

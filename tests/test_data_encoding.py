@@ -15,6 +15,7 @@ from ibridge.data import DataError, source_for
 from ibridge.data.collate import collate_demonstrations, collate_pairs
 from ibridge.data.formatting import (
     IGNORE_INDEX,
+    EncodeStats,
     TemplateError,
     encode_conversation,
     encode_split,
@@ -197,6 +198,19 @@ def test_base_model_configs_template_labels_every_assistant_turn(files, model):
         "<|begin|><|system|>\nYou are terse.<|im_end|>\n<|user|>\nSay hello.<|im_end|>\n"
         "<|assistant|>\nHello.<|im_end|>\n")
     assert labelled_spans(tokenizer, encoded[0]) == ["Blue.<|im_end|>\n", "Green, like grass.<|im_end|>\n"]
+
+
+def test_a_token_across_a_turn_boundary_is_labelled_and_counted(files):
+    # Replies that start with blank lines: byte-level BPE merges the header's newline into them.
+    tokenizer = build_tokenizer()
+    tokenizer.backend_tokenizer.add_tokens(["\n\n"])
+    reply = "\n\nSure."
+    conversation = [msg("user", "hi"), msg("assistant", reply), msg("user", "more"), msg("assistant", "Done.")]
+    stats = EncodeStats()
+    item = encode_conversation(tokenizer, conversation, 512, stats)
+    assert stats.merged == 1
+    spans = labelled_spans(tokenizer, item)
+    assert spans == ["\n" + reply + "<|im_end|>\n", "Done.<|im_end|>\n"]  # the merged token, header newline and all
 
 
 def _changed(before: dict, model) -> bool:

@@ -9,11 +9,15 @@ input_ids[t]`` on assistant tokens, -100 elsewhere; the shift by one happens in
 How assistant tokens are found: the conversation is rendered whole, and for
 each assistant turn ``i`` the template also renders ``messages[:i]`` with the
 generation header (where the turn starts) and ``messages[:i+1]`` (where it
-ends). Both must tokenize to a prefix of the whole: a template that renders
-earlier turns differently once later ones follow (one that drops earlier
+ends). Both renderings must be text prefixes of the whole: a template that
+renders earlier turns differently once later ones follow (one that drops earlier
 reasoning, say) is refused with `TemplateError`, since prompt and response
 tokens could then not be told apart, and a model would see at generation time a
-prompt it was never trained on.
+prompt it was never trained on. Normally each rendering also tokenizes to a
+prefix of the whole; when a token spans the boundary instead (a reply starting
+with blank lines after a header ending in one, under a tokenizer that merges
+newlines), the boundary moves to the start of that token, which is labelled,
+and the example is counted in ``EncodeStats.merged``.
 """
 
 from __future__ import annotations
@@ -96,6 +100,7 @@ class EncodeStats:
     truncated: int = 0
     skipped: int = 0
     examples: int = 0
+    merged: int = 0  # turn boundaries inside a token (see the module docstring)
     notes: list[str] = field(default_factory=list)
 
     def note(self, text: str) -> None:
@@ -105,16 +110,27 @@ class EncodeStats:
     def summary(self, kind: str, kept: int, max_length: int) -> str:
         text = (f"{kind}: {self.truncated} of {self.examples} sequences longer than model.max_length={max_length} "
                 f"were truncated; {self.skipped} had no response token left and were skipped; {kept} examples kept")
+        if self.merged:
+            text += f"; {self.merged} turn boundaries fell inside a token (that token is labelled)"
         return text + (f" (e.g. {'; '.join(self.notes)})" if self.notes else "")
 
 
-def _check_prefix(full: list[int], part: list[int], what: str) -> None:
-    if full[: len(part)] != part:
+def _boundary(full: list[int], part: list[int], full_text: str, part_text: str, what: str,
+              stats: EncodeStats | None) -> int:
+    """Where the rendering `part` ends inside `full`, in tokens."""
+    if full[: len(part)] == part:
+        return len(part)
+    if not full_text.startswith(part_text):
         raise TemplateError(
-            f"the tokenizer's chat template is not prefix-stable: {what} does not tokenize to a prefix of the "
+            f"the tokenizer's chat template is not prefix-stable: {what} is not rendered as a prefix of the "
             f"whole conversation, so response tokens cannot be told from prompt tokens; use a template that "
             f"renders earlier turns unchanged (model.chat_template applies to tokenizers without one)"
         )
+    # The text is a prefix but a token spans the boundary: cut before that token.
+    common = next((k for k, (a, b) in enumerate(zip(full, part, strict=False)) if a != b), min(len(full), len(part)))
+    if stats is not None:
+        stats.merged += 1
+    return common
 
 
 def encode_messages(tokenizer, messages: list[dict], max_length: int, stats: EncodeStats | None = None,
@@ -137,19 +153,20 @@ def encode_messages(tokenizer, messages: list[dict], max_length: int, stats: Enc
         if i != len(messages) - 1:
             texts.append(_render(tokenizer, messages[: i + 1], add_generation_prompt=False))
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    full, rest = encoded[0], iter(encoded[1:])
+    full = encoded[0]
+    parts = iter(zip(encoded[1:], texts[1:], strict=True))
     labels = [IGNORE_INDEX] * len(full)
     for i in turns:
-        head = next(rest)
-        _check_prefix(full, head, f"the prompt before message {i} (with the generation header)")
+        head, head_text = next(parts)
+        start = _boundary(full, head, texts[0], head_text,
+                          f"the prompt before message {i} (with the generation header)", stats)
         end = len(full)
         if i != len(messages) - 1:
-            upto = next(rest)
-            _check_prefix(full, upto, f"the conversation up to message {i}")
-            end = len(upto)
-        if end < len(head):
+            upto, upto_text = next(parts)
+            end = _boundary(full, upto, texts[0], upto_text, f"the conversation up to message {i}", stats)
+        if end < start:
             raise TemplateError(f"the chat template renders message {i} shorter than its generation header")
-        labels[len(head):end] = full[len(head):end]
+        labels[start:end] = full[start:end]
     if stats is not None:
         stats.examples += 1
     if len(full) > max_length:
@@ -216,7 +233,7 @@ def encode_split(tokenizer, examples: list[dict], kind: str, max_length: int):
             stats.note(f"{origin} {'skipped' if item is None else 'truncated'}")
         if item is not None:
             encoded.append(item)
-    if stats.truncated:
+    if stats.truncated or stats.merged:
         log.warning(stats.summary(kind, len(encoded), max_length))
     if not encoded:
         files = sorted({_origin_file(e["origin"]) for e in examples if e.get("origin")})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from ibridge.distributed import barrier
 from ibridge.evaluation.evaluate import evaluate_checkpoint
 from ibridge.io import write_json_atomic
 
@@ -16,6 +17,9 @@ def evaluate_stage(ctx, label: str, policy, reference) -> dict:
     """
     out_dir = ctx.run_dir / "eval" / label
     marker = out_dir / "eval.json"
+    if not ctx.runtime.dist.is_main:  # rank 0 evaluates; the others wait for it
+        barrier(ctx.runtime.dist)
+        return {}
     if marker.is_file():
         return json.loads(marker.read_text())
     ctx.logger.start("eval", f"eval-{label}-s{ctx.cfg.seed}", {"evaluated": label})
@@ -25,6 +29,7 @@ def evaluate_stage(ctx, label: str, policy, reference) -> dict:
     ctx.logger.summary(scalars)
     ctx.logger.finish()
     write_json_atomic(marker, metrics)
+    barrier(ctx.runtime.dist)
     return metrics
 
 
