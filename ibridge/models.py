@@ -33,11 +33,14 @@ def cache_root(model_cfg) -> Path:
     return Path(str(model_cfg.get("cache_dir") or "~/.cache/ibridge")).expanduser()
 
 
-def load_tokenizer(path: str | Path, runtime: Runtime | None = None):
+def load_tokenizer(path: str | Path, runtime: Runtime | None = None, model_cfg=None):
+    """The tokenizer, with `model.chat_template` applied if it has none (a base model's)."""
     from transformers import AutoTokenizer
 
+    from ibridge.data.formatting import prepare_tokenizer
+
     trust = bool(runtime and runtime.trust_remote_code)
-    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust)
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust), model_cfg)
 
 
 def load_model(path: str | Path, runtime: Runtime, trust_remote_code: bool | None = None):

@@ -121,12 +121,9 @@ def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path
     reference_path = Path(reference_path or init_path)
     objective = build_objective(objective_cfg)
     kind = objective.data_kind
-    tokenizer = load_tokenizer(init_path, ctx.runtime)
+    tokenizer = load_tokenizer(init_path, ctx.runtime, cfg.model)
     pad = tokenizer.pad_token_id
     encoded, enc_stats = encode_split(tokenizer, ctx.source.examples(kind), kind, int(cfg.model.max_length))
-    if enc_stats.truncated:
-        log.warning("%s: %d of %d sequences longer than model.max_length=%d were truncated",
-                    stage, enc_stats.truncated, enc_stats.examples, cfg.model.max_length)
     if objective.needs_reference:
         attach_reference(encoded, kind, reference_path, ctx, pad)
 
@@ -165,6 +162,8 @@ def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path
         "tokens": summary.tokens,
         "examples": len(encoded),
         "truncated": enc_stats.truncated,
+        "skipped": enc_stats.skipped,
+        "data": getattr(ctx.source, "reports", {}),
         "resumed_from_step": summary.resumed_from,
         "init": str(init_path),
         "lora": lora_enabled(cfg.model),

@@ -38,18 +38,21 @@ def test_two_cell_sweep_and_report(two_cell_sweep, tmp_path, model_cache):
 
 
 def test_a_failing_cell_does_not_stop_the_sweep(tmp_path, model_cache):
-    # The second cell fails inside the run (a data file that is not JSON), after validation.
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text("not json\n")
-    ibridge(["-m", "train", *SMOKE, "data=toy,jsonl", f"+data.path={bad}", "hydra.sweep.dir=sw"],
-            tmp_path, model_cache)
+    # The second cell starts from a checkpoint whose weights file is corrupt: it passes
+    # validation (config.json and *.safetensors exist) and fails when the model loads.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama"}')
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    ibridge(["-m", "train", *SMOKE, f"checkpoint=null,{broken}", "hydra.sweep.dir=sw"], tmp_path, model_cache)
     runs = cells(tmp_path / "sw")
     statuses = sorted(r["status"] for r in runs.values())
     assert statuses == ["completed", "failed"]
     failed = next(r for r in runs.values() if r["status"] == "failed")
-    assert "bad.jsonl:1" in failed["error"]
+    assert failed["error"]
     ibridge(["report", f"report.path={tmp_path / 'sw'}", "logger=none", "hydra.run.dir=rep"], tmp_path, model_cache)
-    assert "bad.jsonl:1" in (tmp_path / "sw" / "report.md").read_text()
+    report = (tmp_path / "sw" / "report.md").read_text()
+    assert "## Failed runs" in report and failed["error"].split(":")[0] in report
 
 
 def test_sweep_cells_share_one_wandb_group(tmp_path, model_cache):

@@ -30,7 +30,7 @@ def evaluate_checkpoint(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ev = cfg.eval
-    tokenizer = load_tokenizer(policy_path, runtime)
+    tokenizer = load_tokenizer(policy_path, runtime, cfg.model)
     policy = load_model(policy_path, runtime)
     examples = source.examples("eval")
     if ev.num_prompts > 0:
@@ -71,8 +71,10 @@ def evaluate_checkpoint(
             desc="sample for KL",
         )
         metrics["kl_to_ref"], metrics["kl_to_ref_se"] = sampled_kl(policy, reference, samples, runtime, pad)
-        pairs, _ = encode_split(tokenizer, source.examples("heldout_pairs"), "preferences", cfg.model.max_length)
-        metrics["implicit_reward_acc"] = implicit_reward_accuracy(policy, reference, pairs, runtime, pad)
+        heldout = source.examples("heldout_pairs") if "heldout_pairs" in source.kinds else []
+        if heldout:
+            pairs, _ = encode_split(tokenizer, heldout, "preferences", cfg.model.max_length)
+            metrics["implicit_reward_acc"] = implicit_reward_accuracy(policy, reference, pairs, runtime, pad)
     _write_generations(out_dir, examples, outputs, verdicts, ref_verdicts, prefs, generator)
     return metrics
 

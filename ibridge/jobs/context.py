@@ -28,7 +28,12 @@ class RunContext:
         ``model.kind=hf`` ``model.name_or_path`` as given, a hub name
         (``meta-llama/Meta-Llama-3-8B``) or a local folder (``~`` expanded)."""
         if self.cfg.model.kind == "toy":
-            return ensure_toy_base(self.cfg.model, self.source.world_config, self.runtime)
+            # The toy base is pretrained on a world's corpus: the data's world, or the
+            # default one when the data comes from files.
+            from ibridge.world import WorldConfig
+
+            world = getattr(self.source, "world_config", None) or WorldConfig()
+            return ensure_toy_base(self.cfg.model, world, self.runtime)
         name = str(self.cfg.model.name_or_path)
         local = Path(name).expanduser()
         return str(local) if local.exists() or name.startswith((".", "/", "~")) else name

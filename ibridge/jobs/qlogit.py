@@ -89,7 +89,7 @@ def run(ctx) -> None:
     if Path(policy_path).resolve() == Path(reference_path).resolve():
         log.warning("qlogit: policy and reference are the same model (%s): every Q, V and reward is 0", policy_path)
 
-    tokenizer = load_tokenizer(policy_path)
+    tokenizer = load_tokenizer(policy_path, ctx.runtime, ctx.cfg.model)
     _check_same_tokenizer(tokenizer, reference_path)
     pairs = _encode_pairs(ctx, tokenizer, opts["num_pairs"], int(cfg.model.max_length))
     policy = load_model(policy_path, ctx.runtime)
