@@ -217,6 +217,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, group: str, runtime) -> dict:
         JOB_FUNCTIONS[cfg.job](ctx)
     finally:
         logger.finish()
+    ctx.results["wandb_group"] = logger.group if logger.backend == "wandb" else None
     ctx.results["device"] = str(runtime.device)
     ctx.results["precision"] = runtime.precision
     return ctx.results
