@@ -137,11 +137,13 @@ def run(cfg: DictConfig) -> dict:
         print(f"ibridge: config error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except Exception as err:  # the run is marked failed; a sweep's other cells go on
+        from ibridge.training import StopRequested
+
         results.update(status="failed", error=f"{type(err).__name__}: {err}")
         if main_process:
             (run_dir / "error.log").write_text(traceback.format_exc())
         write_results({**results, "runtime_s": round(time.time() - started, 2)})
-        if multirun:
+        if multirun and not isinstance(err, StopRequested):  # SIGTERM stops the whole sweep
             log.error("run failed: %s (traceback in %s)", err, run_dir / "error.log")
             return results
         raise
