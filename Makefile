@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU build of torch unless the machine has a GPU (a bare `torch` pulls a multi-GB CUDA build).
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: help setup run smoke test test-all lint bench-objectives measure reproduce clean
+.PHONY: help setup run smoke test test-fast lint bench-objectives measure reproduce clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -25,11 +25,11 @@ run: setup  ## run the default pipeline (base -> SFT -> DPO -> eval) on the toy 
 smoke: setup  ## a one-to-two-minute pipeline on a tiny world and model
 	$(BIN)/ibridge debug=smoke
 
-test: setup  ## the fast test tier
-	$(BIN)/python -m pytest -q -m "not slow"
+test: setup  ## every test, on 2 processes (what CI runs)
+	$(BIN)/python -m pytest -q -n 2
 
-test-all: setup  ## every test, whole-run ones included
-	$(BIN)/python -m pytest -q
+test-fast: setup  ## the fast tier: maths, configs, data, one smoke pipeline (no kill/resume, sweep or DDP runs)
+	$(BIN)/python -m pytest -q -n 2 -m "not slow"
 
 lint: setup  ## ruff
 	$(BIN)/ruff check ibridge tests benchmarks

@@ -8,11 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from ibridge.tracking import read_metrics
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow  # whole runs under kills, sweeps, torchrun: `make test` runs them
 
 
 def test_two_process_ddp_train_stays_in_sync_and_writes_once(tmp_path, model_cache):

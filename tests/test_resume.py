@@ -19,6 +19,8 @@ from ibridge.tracking import read_metrics
 from tests.conftest import REPO
 from tests.test_cli_smoke import ibridge
 
+pytestmark = pytest.mark.slow  # whole runs under kills, sweeps, torchrun: `make test` runs them
+
 TRAIN = ["train", "debug=smoke", "objective=jsd", "lr=1e-3", "logger=none", "sft.max_steps=240",
          "sft.save_every=8", "sft.log_every=4", "sft.eval_every=40"]
 TIMING_KEYS = {"train/tokens_per_s"}

@@ -9,6 +9,8 @@ import pytest
 
 from tests.test_cli_smoke import ibridge
 
+pytestmark = pytest.mark.slow  # whole runs under kills, sweeps, torchrun: `make test` runs them
+
 SMOKE = ["debug=smoke", "logger=none", "dpo.max_steps=4"]
 
 
