@@ -80,9 +80,36 @@ def _default_grid(args: list[str]) -> list[str]:
     return args
 
 
+def _check_overrides(args: list[str]) -> None:
+    """Compose a single run's overrides first, so that an unknown key or option is a
+    one-line error naming it (Hydra's own message spans several lines)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if any(arg.startswith("-") for arg in args) or any(_is_sweep_axis(arg) for arg in args):
+        return  # flags (--help, -m, --cfg) and sweeps are Hydra's to handle
+    overrides = [a for a in args if "=" in a and not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        text = f"{err}\n{err.__cause__ or ''}"
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        parts = [lines[0]] + [line for line in lines if line.startswith("Key ")]
+        if any(line.startswith("Available options") for line in lines):
+            start = next(i for i, line in enumerate(lines) if line.startswith("Available options")) + 1
+            end = next((i for i, line in enumerate(lines) if line.startswith("Config search path")), len(lines))
+            parts.append("valid options: " + ", ".join(lines[start:end]))
+        message = "; ".join(parts)
+        print(f"ibridge: config error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else list(argv)
-    sys.argv = [sys.argv[0] if sys.argv else "ibridge", *_default_grid(_split_job(args))]
+    args = _default_grid(_split_job(sys.argv[1:] if argv is None else list(argv)))
+    _check_overrides(args)
+    sys.argv = [sys.argv[0] if sys.argv else "ibridge", *args]
     _hydra_entry()
 
 

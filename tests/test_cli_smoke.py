@@ -101,3 +101,10 @@ def test_bad_lr_is_a_one_line_error_before_any_model_loads(tmp_path, model_cache
     assert proc.returncode == 2
     assert "lr=-1" in proc.stderr and "config error" in proc.stderr
     assert not (tmp_path / "bad" / "sft").exists()
+
+
+def test_unknown_key_and_option_are_one_line_errors(tmp_path, model_cache):
+    for override, expected in (("objective.betaa=1", "betaa"), ("objective=jsdd", "jsd, pearson")):
+        proc = ibridge([override], tmp_path, model_cache, check=False)
+        assert proc.returncode == 2
+        assert expected in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
