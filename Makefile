@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU build of torch unless the machine has a GPU (a bare `torch` pulls a multi-GB CUDA build).
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: help setup run smoke test test-fast lint bench-objectives measure reproduce clean
+.PHONY: help setup run smoke test test-fast lint bench-objectives bench-trl measure reproduce clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -44,6 +44,13 @@ clean:  ## remove run outputs (not the model cache)
 bench-objectives: setup  ## steps/s of every f-divergence objective relative to sft (warm reference cache)
 	$(BIN)/python benchmarks/bench_objectives.py --granularity sequence
 	$(BIN)/python benchmarks/bench_objectives.py --granularity token
+
+$(VENV)/.bench: $(BIN)/ibridge
+	$(BIN)/pip install -q -e ".[bench]"
+	@touch $@
+
+bench-trl: $(VENV)/.bench  ## ibridge vs TRL (DPO, SFT) and a bare loop: tok/s, memory, correctness (~8 min; BENCHMARKS.md)
+	$(BIN)/python benchmarks/bench_trl.py
 
 REPRO_DIR ?= multirun/reproduce
 reproduce: setup  ## both grids (learning rate, divergence) on the toy world, 3 seeds, then the reports

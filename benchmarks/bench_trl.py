@@ -426,7 +426,7 @@ def worker_check(spec) -> dict:
     ours_policy.train()
     # ibridge's training loop runs the model through PackedForward (padding-free packing) where supported:
     # check that path as well as the plain padded forward.
-    from ibridge.training import PackedForward, packing_supported
+    from ibridge.packing import PackedForward, packing_supported
 
     forwards = [ours_policy] + ([PackedForward(ours_policy)] if packing_supported(ours_policy, runtime) else [])
     trl_dpo.model.train()

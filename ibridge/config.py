@@ -107,6 +107,8 @@ def validate(cfg: DictConfig) -> None:
     _positive_int(cfg, "eval.max_new_tokens")
     _positive_int(cfg, "eval.batch_size")
     _positive_int(cfg, "model.max_length")
+    if not isinstance(OmegaConf.select(cfg, "trainer.pack_sequences", default=True), bool):
+        raise ConfigError(f"trainer.pack_sequences={cfg.trainer.pack_sequences!r}: expected true or false")
     warmup = cfg.schedule.warmup_ratio
     if not 0 <= warmup < 1:
         raise ConfigError(f"schedule.warmup_ratio={warmup!r}: expected a number in [0, 1)")

@@ -141,6 +141,7 @@ def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path
         warmup_ratio=float(cfg.schedule.warmup_ratio),
         schedule=str(cfg.schedule.name),
         seed=int(cfg.seed),
+        pack_sequences=bool(cfg.trainer.get("pack_sequences", True)),
     )
     ctx.logger.start(stage, run_name or stage, {"stage": stage, "stage_objective": objective.name, "stage_lr": lr})
     model = load_model(init_path, ctx.runtime)

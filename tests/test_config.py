@@ -72,6 +72,7 @@ def test_unknown_group_option_lists_valid_names():
         ("dpo.objective.beta=0", "dpo.objective.beta"),
         ("sft.batch_size=0", "sft.batch_size"),
         ("job=nope", "job"),
+        ("trainer.pack_sequences=sometimes", "trainer.pack_sequences"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

@@ -4,7 +4,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ibridge.objectives.logprobs import token_logps
-from ibridge.training import PackedForward, pack_plan
+from ibridge.packing import PackedForward, pack_plan
 
 
 def _model():
@@ -45,3 +45,50 @@ def test_packed_forward_matches_the_padded_forward():
 def test_pack_plan_declines_left_padding_and_batches_without_padding():
     assert pack_plan(torch.tensor([[0, 1, 1], [1, 1, 1]])) is None  # left padding
     assert pack_plan(torch.ones(4, 10, dtype=torch.long)) is None  # nothing to save
+
+
+
+def test_the_training_loop_packs_the_toy_model_and_trains_the_same(model_cache, monkeypatch):
+    """A stage's loop really runs packed on the toy model, and lands where the padded loop does."""
+    from ibridge.data import source_for
+    from ibridge.data.collate import collate_demonstrations
+    from ibridge.data.formatting import encode_split
+    from ibridge.models import ensure_toy_base, load_model, load_tokenizer
+    from ibridge.objectives import build_objective
+    from ibridge.packing import packing_supported
+    from ibridge.runtime import resolve_runtime
+    from ibridge.stages import demonstration_step
+    from ibridge.training import OptimSettings, optimise
+    from tests.conftest import compose_config
+
+    cfg = compose_config(["debug=smoke", f"model.cache_dir={model_cache}", "trainer=cpu"])
+    runtime = resolve_runtime(cfg.trainer)
+    source = source_for(cfg.data)
+    base = ensure_toy_base(cfg.model, source.world_config, runtime)
+    tokenizer = load_tokenizer(base)
+    encoded, _ = encode_split(tokenizer, source.examples("demonstrations")[:64], "demonstrations", 48)
+    step = demonstration_step(build_objective({"name": "sft"}))
+    import ibridge.packing
+
+    calls = {"packed": 0}
+
+    def counting_plan(mask, factor):  # the loop's forward asks for a plan; count the packed ones
+        plan = pack_plan(mask, factor)
+        calls["packed"] += plan is not None
+        return plan
+
+    monkeypatch.setattr(ibridge.packing, "pack_plan", counting_plan)
+    finals = {}
+    for pack in (False, True):
+        model = load_model(base, runtime)
+        assert packing_supported(model, runtime)
+        before = [p.detach().clone() for p in model.parameters()]
+        settings = OptimSettings(lr=1e-3, batch_size=16, max_steps=8, log_every=4, pack_sequences=pack)
+        calls["packed"] = 0
+        optimise(model, encoded, lambda items: collate_demonstrations(items, tokenizer.pad_token_id),
+                 step, settings, runtime)
+        assert (calls["packed"] > 0) == pack  # packed batches only when packing is on
+        finals[pack] = [p.detach().clone() for p in model.parameters()]
+        assert any(not torch.equal(a, b) for a, b in zip(before, finals[pack], strict=True))  # it trained
+    for packed, padded in zip(finals[True], finals[False], strict=True):
+        torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
