@@ -7,6 +7,11 @@ LoRA-wrapped or not, via ``safetensors.torch.save_model``),
 metrics-file bookmark). It is written to a staging folder and renamed into place,
 so a state folder that exists is complete: a kill at any moment leaves the previous
 state or the new one, never half of one.
+
+Under FSDP (``sharded=True``) the model and optimiser state are gathered to full
+tensors keyed by parameter name (torch.distributed.checkpoint's full state dict)
+and written by rank 0 in the same files; on resume every rank reads them and keeps
+its own shard.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from ibridge.io import publish_dir, staging_dir
 STATE_FILE = "trainer_state.json"
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    state = optimizer.state_dict()
+def _optimizer_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimiser state dict (keyed by parameter index, or by name under FSDP)
+    into tensors for safetensors and JSON-able scalars."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict] = {}
     for index, values in state["state"].items():
@@ -35,33 +41,61 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def save_state(final_dir: Path, model, optimizer, scheduler, step: int, extra: dict) -> None:
+def _gathered_states(model, optimizer) -> tuple[dict, dict]:
+    """Full model and optimiser state dicts of an FSDP-sharded model (collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_state(final_dir: Path, model, optimizer, scheduler, step: int, extra: dict, *,
+               sharded: bool = False, write: bool = True) -> None:
+    """Write the state (`write`: rank 0); under FSDP every rank must call it (`sharded`)."""
     from safetensors.torch import save_model
 
+    if sharded:
+        model_state, optimizer_state = _gathered_states(model, optimizer)
+    if not write:
+        return
     tmp = staging_dir(final_dir)
-    save_model(model, str(tmp / "model.safetensors"))
-    tensors, meta = _optimizer_tensors(optimizer)
+    if sharded:
+        save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+    else:
+        save_model(model, str(tmp / "model.safetensors"))
+        optimizer_state = optimizer.state_dict()
+    tensors, meta = _optimizer_tensors(optimizer_state)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     payload = {"step": step, "optimizer": meta, "scheduler": scheduler.state_dict(), **extra}
     (tmp / STATE_FILE).write_text(json.dumps(payload))
     publish_dir(tmp, final_dir)
 
 
-def load_state(state_dir: Path, model, optimizer, scheduler) -> dict:
+def _param_key(index: str) -> int | str:
+    return int(index) if index.isdigit() else index  # an index, or a parameter name under FSDP
+
+
+def load_state(state_dir: Path, model, optimizer, scheduler, *, sharded: bool = False) -> dict:
     """Restore a state saved by `save_state` into live objects; returns its JSON payload."""
     from safetensors.torch import load_model
 
     state_dir = Path(state_dir)
     payload = json.loads((state_dir / STATE_FILE).read_text())
-    load_model(model, str(state_dir / "model.safetensors"), device=str(next(model.parameters()).device))
     tensors = load_file(str(state_dir / "optimizer.safetensors"))
-    per_param: dict[int, dict] = {}
+    per_param: dict[int | str, dict] = {}
     for name, value in tensors.items():
-        index, key = name.split(".", 1)
-        per_param.setdefault(int(index), {})[key] = value
+        index, key = name.rsplit(".", 1)  # state keys (exp_avg, step, ...) have no dots; names do
+        per_param.setdefault(_param_key(index), {})[key] = value
     for index, values in payload["optimizer"]["scalars"].items():
-        per_param.setdefault(int(index), {}).update(values)
-    optimizer.load_state_dict({"state": per_param, "param_groups": payload["optimizer"]["param_groups"]})
+        per_param.setdefault(_param_key(index), {}).update(values)
+    optimizer_state = {"state": per_param, "param_groups": payload["optimizer"]["param_groups"]}
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(model, optimizer, model_state_dict=load_file(str(state_dir / "model.safetensors")),
+                       optim_state_dict=optimizer_state, options=StateDictOptions(full_state_dict=True))
+    else:
+        load_model(model, str(state_dir / "model.safetensors"), device=str(next(model.parameters()).device))
+        optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(payload["scheduler"])
     return payload
 

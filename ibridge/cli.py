@@ -179,7 +179,8 @@ def run(cfg: DictConfig) -> dict:
             shutdown(runtime.dist)
     results["runtime_s"] = round(time.time() - started, 2)
     write_results(results)
-    log.info("results: %s", run_dir / "results.json")
+    if main_process:
+        log.info("results: %s", run_dir / "results.json")
     return results
 
 

@@ -107,6 +107,12 @@ def validate(cfg: DictConfig) -> None:
     _positive_int(cfg, "eval.max_new_tokens")
     _positive_int(cfg, "eval.batch_size")
     _positive_int(cfg, "model.max_length")
+    mode = OmegaConf.select(cfg, "trainer.distributed", default="none")
+    if mode not in ("none", "ddp", "fsdp"):
+        raise ConfigError(f"trainer.distributed={mode!r}: expected none, ddp or fsdp")
+    if mode == "fsdp" and OmegaConf.select(cfg, "model.lora.enabled", default=False):
+        raise ConfigError("model.lora.enabled=true with trainer=fsdp: LoRA stages run with trainer=ddp "
+                          "(the frozen base fits each GPU; only the adapters train)")
     if not isinstance(OmegaConf.select(cfg, "trainer.pack_sequences", default=True), bool):
         raise ConfigError(f"trainer.pack_sequences={cfg.trainer.pack_sequences!r}: expected true or false")
     warmup = cfg.schedule.warmup_ratio

@@ -1,10 +1,22 @@
 """Data-parallel training across processes (torchrun), with rank 0 the only writer.
 
-Launch with ``torchrun --nproc_per_node N -m ibridge train trainer=ddp ...``: every
-rank runs the same Hydra app with the same overrides, so every rank resolves the
-same run folder, but only rank 0 writes into it (config, metrics, checkpoints,
-results.json, wandb). Gradients are averaged by DistributedDataParallel; each rank
-takes its share of every global batch, so `batch_size` is per process.
+Launch with ``torchrun --nproc_per_node N -m ibridge train trainer=ddp ...`` (or
+``trainer=fsdp``): every rank runs the same Hydra app with the same overrides, so
+every rank resolves the same run folder, but only rank 0 writes into it (config,
+metrics, checkpoints, results.json, wandb). Each rank takes its share of every
+global batch, so `batch_size` is per process.
+
+Two modes, the same maths (gradients averaged over ranks):
+
+* ``ddp``: DistributedDataParallel; every rank holds the whole model and optimiser.
+* ``fsdp``: PyTorch's fully sharded data parallel (FSDP2, ``fully_shard``), one
+  shard group per decoder layer. Parameters, gradients and AdamW state are split
+  across ranks: ZeRO stage 3 when ``trainer.fsdp.reshard_after_forward`` is true (the
+  default), ZeRO stage 2 when it is false (full layers stay gathered between forward
+  and backward: more memory, less communication). Needed for full fine-tuning of a
+  7-8B model, whose fp32 weights, gradients and AdamW moments (16 bytes/parameter,
+  ~128 GB) fit no single GPU. State dicts are gathered to full tensors for saving,
+  so checkpoints and resumable states have the same format in every mode.
 """
 
 from __future__ import annotations
@@ -15,12 +27,16 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+DATA_PARALLEL_MODES = ("ddp", "fsdp")
+
 
 @dataclass(frozen=True)
 class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    mode: str = "none"  # none | ddp | fsdp
+    reshard_after_forward: bool = True  # fsdp only: ZeRO-3 (True) or ZeRO-2 (False)
 
     @property
     def is_main(self) -> bool:
@@ -29,6 +45,11 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def sharded(self) -> bool:
+        """Parameters are split across ranks: every forward is a collective call."""
+        return self.enabled and self.mode == "fsdp"
 
 
 def launched_world_size() -> int:
@@ -41,16 +62,18 @@ def init_distributed(trainer_cfg) -> DistInfo:
     world = launched_world_size()
     if world <= 1:
         return DistInfo()
-    if mode != "ddp":
+    if mode not in DATA_PARALLEL_MODES:
         raise RuntimeError(
             f"launched with {world} processes but trainer.distributed={mode!r}: use trainer=ddp "
-            "(or launch a single process)"
+            "or trainer=fsdp (or launch a single process)"
         )
     backend = "nccl" if torch.cuda.is_available() and trainer_cfg.get("device", "auto") != "cpu" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
+    fsdp_cfg = trainer_cfg.get("fsdp") or {}
     info = DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                    local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+                    local_rank=int(os.environ.get("LOCAL_RANK", "0")), mode=mode,
+                    reshard_after_forward=bool(fsdp_cfg.get("reshard_after_forward", True)))
     if backend == "nccl":
         torch.cuda.set_device(info.local_rank)
     return info
@@ -61,13 +84,67 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def wrap(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, info: DistInfo, device: torch.device, precision: str = "fp32") -> torch.nn.Module:
+    """The module the loop calls: `model` itself, DDP around it, or `model` sharded in place.
+
+    Call before building the optimiser: sharding replaces the parameters by DTensors.
+    """
     if not info.enabled:
-        return model
+        return model.to(device)
+    if info.sharded:
+        return shard(model, info, device, precision)
     from torch.nn.parallel import DistributedDataParallel
 
+    model.to(device)
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def shard(model: torch.nn.Module, info: DistInfo, device: torch.device, precision: str) -> torch.nn.Module:
+    """FSDP2: one shard group per transformer block (`_no_split_modules`), then the rest.
+
+    The model may still be on the CPU: each rank moves only its own shard to `device`,
+    so a 7-8B model never sits whole on one GPU. With bf16, the gathered weights and the
+    forward run in bf16 while the sharded master weights and the gradient reduction
+    stay fp32 (the same numerics as bf16 autocast over fp32 weights).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (info.world_size,))
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low else None)
+    block_names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [module for module in model.modules() if type(module).__name__ in block_names]
+    if not blocks:
+        raise RuntimeError(
+            f"trainer=fsdp: {type(model).__name__} names no transformer blocks (_no_split_modules); "
+            "use trainer=ddp for this model"
+        )
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=info.reshard_after_forward)
+    # The root group (embeddings, final norm, head) is gathered for the whole step anyway.
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    return model
+
+
+def full_tensor(value: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) value gathered whole on every rank; a plain tensor as it is."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
+def full_model_state(model: torch.nn.Module, info: DistInfo) -> dict[str, torch.Tensor] | None:
+    """Under FSDP, every weight gathered to full CPU tensors on rank 0 (a collective call:
+    every rank must make it); None otherwise, meaning "save the module as it is"."""
+    if not info.sharded:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # Tied weights (lm_head = embed_tokens) come back as separate copies under both names;
+    # keep one name per parameter, as save_pretrained does for an unsharded model.
+    kept = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    return {name: value for name, value in state.items() if name in kept}
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -77,7 +154,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def parameter_checksums(model: torch.nn.Module, info: DistInfo) -> list[float]:
     """Each rank's sum of |parameters| (float64), gathered: equal when the ranks agree."""
-    total = torch.tensor(sum(float(p.detach().double().abs().sum()) for p in unwrap(model).parameters()),
+    # Under FSDP each parameter is gathered whole first (a collective: every rank sums the same).
+    total = torch.tensor(sum(float(full_tensor(p.detach()).double().abs().sum()) for p in unwrap(model).parameters()),
                          dtype=torch.float64)
     if not info.enabled:
         return [float(total)]
@@ -88,4 +166,7 @@ def parameter_checksums(model: torch.nn.Module, info: DistInfo) -> list[float]:
 
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
+        # Without this barrier a rank that tears its group down while another is still in
+        # a collective aborts the process ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()

@@ -43,8 +43,9 @@ def load_tokenizer(path: str | Path, runtime: Runtime | None = None, model_cfg=N
     return prepare_tokenizer(AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust), model_cfg)
 
 
-def load_model(path: str | Path, runtime: Runtime, trust_remote_code: bool | None = None):
-    """A causal LM from a Hugging Face folder or hub name, fp32 weights on `runtime.device`."""
+def load_model(path: str | Path, runtime: Runtime, trust_remote_code: bool | None = None, on_device: bool = True):
+    """A causal LM from a Hugging Face folder or hub name, fp32 weights on `runtime.device`
+    (on the CPU with ``on_device=False``: FSDP moves each rank's shard itself)."""
     from transformers import AutoModelForCausalLM
 
     if trust_remote_code is None:
@@ -60,13 +61,16 @@ def load_model(path: str | Path, runtime: Runtime, trust_remote_code: bool | Non
         trust_remote_code=trust_remote_code,
         attn_implementation=runtime.attn_implementation,
     )
-    return model.to(runtime.device)
+    return model.to(runtime.device) if on_device else model
 
 
-def save_checkpoint(model, tokenizer, final_dir: Path) -> Path:
-    """Write model (safetensors) and tokenizer; the folder appears only once complete."""
+def save_checkpoint(model, tokenizer, final_dir: Path, state_dict: dict | None = None) -> Path:
+    """Write model (safetensors) and tokenizer; the folder appears only once complete.
+
+    `state_dict`, when given, replaces the module's own weights (FSDP: the gathered
+    full weights of a sharded model)."""
     tmp = staging_dir(final_dir)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     publish_dir(tmp, final_dir)
     return Path(final_dir)

@@ -16,7 +16,7 @@ import torch
 
 from ibridge.data.collate import collate_demonstrations, collate_pairs
 from ibridge.data.formatting import encode_split
-from ibridge.distributed import barrier
+from ibridge.distributed import barrier, full_model_state
 from ibridge.evaluation.drift import token_kl
 from ibridge.io import write_json_atomic
 from ibridge.lora import lora_enabled, merged, wrap_with_lora
@@ -144,7 +144,7 @@ def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path
         pack_sequences=bool(cfg.trainer.get("pack_sequences", True)),
     )
     ctx.logger.start(stage, run_name or stage, {"stage": stage, "stage_objective": objective.name, "stage_lr": lr})
-    model = load_model(init_path, ctx.runtime)
+    model = load_model(init_path, ctx.runtime, on_device=not ctx.runtime.dist.sharded)
     if lora_enabled(cfg.model):
         model = wrap_with_lora(model, cfg.model.lora)
     collate = collate_demonstrations if kind == "demonstrations" else collate_pairs
@@ -174,11 +174,13 @@ def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path
         record["kl_token"] = summary.final_metrics["kl/token"]
     if ctx.runtime.dist.enabled:
         record["world_size"] = ctx.runtime.dist.world_size
+        record["distributed"] = ctx.runtime.dist.mode
         record["rank_checksums"] = summary.rank_checksums
     model = merged(model)  # a LoRA stage's checkpoint is the merged model: the next stage's reference
     record["checkpoint"] = str(out_dir / "checkpoint")
+    weights = full_model_state(model, ctx.runtime.dist)  # FSDP: gathered on rank 0 (every rank calls)
     if ctx.runtime.dist.is_main:
-        save_checkpoint(model, tokenizer, out_dir / "checkpoint")
+        save_checkpoint(model, tokenizer, out_dir / "checkpoint", state_dict=weights)
         write_json_atomic(done_marker, record)  # the stage counts as finished only from here
         shutil.rmtree(out_dir / "state", ignore_errors=True)
     barrier(ctx.runtime.dist)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ibridge.checkpointing import has_state, load_state, save_state
-from ibridge.distributed import parameter_checksums, wrap
+from ibridge.distributed import full_tensor, parameter_checksums, wrap
 from ibridge.packing import PackedForward, packing_supported
 from ibridge.runtime import Runtime
 
@@ -146,8 +146,9 @@ def optimise(
     if not items:
         raise ValueError(f"{desc}: no training examples")
     dist_info = runtime.dist
-    model.to(runtime.device)
     model.train()
+    # DDP wraps the model; FSDP shards it in place (before the optimiser sees its parameters).
+    trained = wrap(model, dist_info, runtime.device, runtime.precision)
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and "norm" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.ndim < 2 or "norm" in n)]
     optimizer = torch.optim.AdamW(
@@ -166,7 +167,7 @@ def optimise(
     done = 0
     payload: dict = {}
     if state_dir is not None and has_state(state_dir):
-        payload = load_state(state_dir, model, optimizer, scheduler)
+        payload = load_state(state_dir, model, optimizer, scheduler, sharded=dist_info.sharded)
         done = int(payload["step"])
         for _ in range(done * settings.grad_accum):
             next(stream)
@@ -177,14 +178,15 @@ def optimise(
         # Save only where the metrics window is empty, so nothing half-averaged is lost.
         save_every = (save_every // settings.log_every + 1) * settings.log_every
 
-    trained = wrap(model, dist_info, runtime.device)  # DDP averages gradients across ranks
     if settings.pack_sequences and packing_supported(model, runtime):
         trained = PackedForward(trained)
 
     def save(step: int) -> None:
-        if state_dir is not None and dist_info.is_main:
+        # Under FSDP every rank takes part in gathering the state; rank 0 alone writes it.
+        if state_dir is not None and (dist_info.is_main or dist_info.sharded):
             extra = {"bookmark": bookmark() if bookmark else {}, "tokens": tokens}
-            save_state(state_dir, model, optimizer, scheduler, step, extra)
+            save_state(state_dir, model, optimizer, scheduler, step, extra, sharded=dist_info.sharded,
+                       write=dist_info.is_main)
 
     window: dict[str, list] = defaultdict(list)
     final: dict[str, float] = {}
@@ -208,7 +210,7 @@ def optimise(
                 n_tokens = int(batch["attention_mask"].sum())
                 tokens += n_tokens
                 window_tokens += n_tokens
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm))
             # One host sync per step: the loss and the gradient norm must be finite
             # before the update touches the weights.
             loss_value, norm_value = torch.stack([step_loss, grad_norm.detach().float()]).tolist()
@@ -237,7 +239,8 @@ def optimise(
                 window_tokens = 0
                 window_start = now
             due = settings.eval_every > 0 and step % settings.eval_every == 0
-            if evaluate is not None and (due or step == total) and dist_info.is_main:
+            # Rank 0 evaluates; under FSDP every forward is collective, so every rank does.
+            if evaluate is not None and (due or step == total) and (dist_info.is_main or dist_info.sharded):
                 model.eval()
                 with torch.no_grad():
                     eval_metrics = evaluate(model)

@@ -119,6 +119,8 @@ def test_reward_model_judge_needs_a_path():
         (["model.max_length=0"], "model.max_length"),
         (["dpo.batch_size=2.5"], "dpo.batch_size"),
         (["schedule.warmup_ratio=1.5"], "schedule.warmup_ratio"),
+        (["trainer=fsdp", "model.lora.enabled=true"], "model.lora.enabled"),
+        (["trainer.distributed=zero"], "trainer.distributed"),
     ],
 )
 def test_out_of_range_values_and_missing_paths_name_the_key(overrides, key):
