@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU build of torch unless the machine has a GPU (a bare `torch` pulls a multi-GB CUDA build).
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: help setup run smoke test test-fast lint bench-objectives bench-trl measure reproduce clean
+.PHONY: help setup setup-deepspeed run smoke test test-fast lint bench-objectives bench-trl measure reproduce clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -19,13 +19,22 @@ $(BIN)/ibridge: pyproject.toml
 
 setup: $(BIN)/ibridge  ## create .venv and install ibridge with its dev tools
 
+# DeepSpeed's source package imports torch to build, so it installs without build
+# isolation, after torch (a build-isolated install would pull a CUDA torch).
+$(VENV)/.deepspeed: $(BIN)/ibridge
+	$(BIN)/pip install -q setuptools wheel
+	$(BIN)/pip install -q --no-build-isolation -e ".[deepspeed]"
+	@touch $@
+
+setup-deepspeed: $(VENV)/.deepspeed  ## add the optional DeepSpeed backend (trainer=deepspeed)
+
 run: setup  ## run the default pipeline (base -> SFT -> DPO -> eval) on the toy world
 	$(BIN)/ibridge
 
 smoke: setup  ## a one-to-two-minute pipeline on a tiny world and model
 	$(BIN)/ibridge debug=smoke
 
-test: setup  ## every test, on 2 processes (what CI runs)
+test: setup $(VENV)/.deepspeed  ## every test, on 2 processes (what CI runs; installs the DeepSpeed extra to test it)
 	$(BIN)/python -m pytest -q -n 2
 
 test-fast: setup  ## the fast tier: maths, configs, data, one smoke pipeline (no kill/resume, sweep or DDP runs)

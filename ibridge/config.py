@@ -108,11 +108,15 @@ def validate(cfg: DictConfig) -> None:
     _positive_int(cfg, "eval.batch_size")
     _positive_int(cfg, "model.max_length")
     mode = OmegaConf.select(cfg, "trainer.distributed", default="none")
-    if mode not in ("none", "ddp", "fsdp"):
-        raise ConfigError(f"trainer.distributed={mode!r}: expected none, ddp or fsdp")
-    if mode == "fsdp" and OmegaConf.select(cfg, "model.lora.enabled", default=False):
-        raise ConfigError("model.lora.enabled=true with trainer=fsdp: LoRA stages run with trainer=ddp "
+    if mode not in ("none", "ddp", "fsdp", "deepspeed"):
+        raise ConfigError(f"trainer.distributed={mode!r}: expected none, ddp, fsdp or deepspeed")
+    if mode in ("fsdp", "deepspeed") and OmegaConf.select(cfg, "model.lora.enabled", default=False):
+        raise ConfigError(f"model.lora.enabled=true with trainer={mode}: LoRA stages run with trainer=ddp "
                           "(the frozen base fits each GPU; only the adapters train)")
+    if mode == "deepspeed":
+        stage = OmegaConf.select(cfg, "trainer.deepspeed.zero_stage", default=None)
+        if stage not in (1, 2, 3) or isinstance(stage, bool):
+            raise ConfigError(f"trainer.deepspeed.zero_stage={stage!r}: expected 1, 2 or 3")
     if not isinstance(OmegaConf.select(cfg, "trainer.pack_sequences", default=True), bool):
         raise ConfigError(f"trainer.pack_sequences={cfg.trainer.pack_sequences!r}: expected true or false")
     warmup = cfg.schedule.warmup_ratio

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-DATA_PARALLEL_MODES = ("ddp", "fsdp")
+DATA_PARALLEL_MODES = ("ddp", "fsdp", "deepspeed")
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class DistInfo:
     local_rank: int = 0
     mode: str = "none"  # none | ddp | fsdp
     reshard_after_forward: bool = True  # fsdp only: ZeRO-3 (True) or ZeRO-2 (False)
+    zero_stage: int = 0  # deepspeed only: 1, 2 or 3
 
     @property
     def is_main(self) -> bool:
@@ -49,7 +50,7 @@ class DistInfo:
     @property
     def sharded(self) -> bool:
         """Parameters are split across ranks: every forward is a collective call."""
-        return self.enabled and self.mode == "fsdp"
+        return self.enabled and (self.mode == "fsdp" or (self.mode == "deepspeed" and self.zero_stage == 3))
 
 
 def launched_world_size() -> int:
@@ -64,8 +65,8 @@ def init_distributed(trainer_cfg) -> DistInfo:
         return DistInfo()
     if mode not in DATA_PARALLEL_MODES:
         raise RuntimeError(
-            f"launched with {world} processes but trainer.distributed={mode!r}: use trainer=ddp "
-            "or trainer=fsdp (or launch a single process)"
+            f"launched with {world} processes but trainer.distributed={mode!r}: use trainer=ddp, "
+            "trainer=fsdp or trainer=deepspeed (or launch a single process)"
         )
     backend = "nccl" if torch.cuda.is_available() and trainer_cfg.get("device", "auto") != "cpu" else "gloo"
     if not dist.is_initialized():
@@ -73,7 +74,8 @@ def init_distributed(trainer_cfg) -> DistInfo:
     fsdp_cfg = trainer_cfg.get("fsdp") or {}
     info = DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
                     local_rank=int(os.environ.get("LOCAL_RANK", "0")), mode=mode,
-                    reshard_after_forward=bool(fsdp_cfg.get("reshard_after_forward", True)))
+                    reshard_after_forward=bool(fsdp_cfg.get("reshard_after_forward", True)),
+                    zero_stage=int((trainer_cfg.get("deepspeed") or {}).get("zero_stage", 0)) if mode == "deepspeed" else 0)
     if backend == "nccl":
         torch.cuda.set_device(info.local_rank)
     return info
@@ -89,9 +91,9 @@ def wrap(model: torch.nn.Module, info: DistInfo, device: torch.device, precision
 
     Call before building the optimiser: sharding replaces the parameters by DTensors.
     """
-    if not info.enabled:
+    if not info.enabled or info.mode == "deepspeed":  # DeepSpeed's engine wraps it later (ibridge/zero.py)
         return model.to(device)
-    if info.sharded:
+    if info.mode == "fsdp":
         return shard(model, info, device, precision)
     from torch.nn.parallel import DistributedDataParallel
 
@@ -134,13 +136,19 @@ def full_tensor(value: torch.Tensor) -> torch.Tensor:
 
 
 def full_model_state(model: torch.nn.Module, info: DistInfo) -> dict[str, torch.Tensor] | None:
-    """Under FSDP, every weight gathered to full CPU tensors on rank 0 (a collective call:
-    every rank must make it); None otherwise, meaning "save the module as it is"."""
+    """Under FSDP or ZeRO-3, every weight gathered to full CPU tensors on rank 0 (a
+    collective call: every rank must make it); None otherwise: "save the module as it is"."""
     if not info.sharded:
         return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    if info.mode == "deepspeed":
+        from ibridge.zero import gathered
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        with gathered(model, info):
+            state = {name: value.detach().cpu().clone() for name, value in model.state_dict().items()}
+    else:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     # Tied weights (lm_head = embed_tokens) come back as separate copies under both names;
     # keep one name per parameter, as save_pretrained does for an unsharded model.
     kept = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
@@ -154,9 +162,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def parameter_checksums(model: torch.nn.Module, info: DistInfo) -> list[float]:
     """Each rank's sum of |parameters| (float64), gathered: equal when the ranks agree."""
-    # Under FSDP each parameter is gathered whole first (a collective: every rank sums the same).
-    total = torch.tensor(sum(float(full_tensor(p.detach()).double().abs().sum()) for p in unwrap(model).parameters()),
-                         dtype=torch.float64)
+    from ibridge.zero import gathered
+
+    # Under FSDP / ZeRO-3 each parameter is gathered whole first (a collective: every rank sums the same).
+    with gathered(unwrap(model), info):
+        total = torch.tensor(sum(float(full_tensor(p.detach()).double().abs().sum())
+                                 for p in unwrap(model).parameters()), dtype=torch.float64)
     if not info.enabled:
         return [float(total)]
     gathered = [torch.zeros_like(total) for _ in range(info.world_size)]

@@ -15,6 +15,7 @@ The loop knows no loss: a stage passes `compute(model, batch) -> ObjectiveOutput
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import signal
 import threading
@@ -32,6 +33,8 @@ from ibridge.checkpointing import has_state, load_state, save_state
 from ibridge.distributed import full_tensor, parameter_checksums, wrap
 from ibridge.packing import PackedForward, packing_supported
 from ibridge.runtime import Runtime
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,38 @@ class StageSummary:
     rank_checksums: list[float] | None = None  # per-rank sum of |parameters|: equal when in sync
 
 
+class TorchUpdate:
+    """Backward and optimiser step in plain PyTorch (one process, DDP or FSDP).
+
+    The loop calls `backward(loss)` once per micro-batch and `update(step_loss)` once
+    per optimiser step; `ibridge.zero.ZeroUpdate` is the same pair through DeepSpeed.
+    """
+
+    def __init__(self, module, model, optimizer, scheduler, settings: OptimSettings, desc: str):
+        self.module, self.model = module, model
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.settings, self.desc = settings, desc
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.settings.grad_accum).backward()
+
+    def update(self, step_loss: torch.Tensor, where: str) -> tuple[float, float]:
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm))
+        # One host sync per step: the loss and the gradient norm must be finite
+        # before the update touches the weights.
+        loss_value, norm_value = torch.stack([step_loss, grad_norm.detach().float()]).tolist()
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+            raise NonFiniteLoss(
+                f"{self.desc}: {what} is {loss_value if what == 'loss' else norm_value} {where}; "
+                "the weights were not updated and the last saved state is kept"
+            )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value, norm_value
+
+
 class StopRequested(RuntimeError):
     """SIGTERM arrived: the stage saved its state at a step boundary and stopped."""
 
@@ -146,6 +181,11 @@ def optimise(
     if not items:
         raise ValueError(f"{desc}: no training examples")
     dist_info = runtime.dist
+    if dist_info.mode == "deepspeed" and state_dir is not None:
+        if settings.save_every > 0:
+            logger.warning("%s: trainer=deepspeed keeps no mid-stage state (DeepSpeed's checkpoints are pickles, "
+                        "which ibridge does not load); a killed stage restarts from its beginning", desc)
+        state_dir = None
     model.train()
     # DDP wraps the model; FSDP shards it in place (before the optimiser sees its parameters).
     trained = wrap(model, dist_info, runtime.device, runtime.precision)
@@ -167,7 +207,7 @@ def optimise(
     done = 0
     payload: dict = {}
     if state_dir is not None and has_state(state_dir):
-        payload = load_state(state_dir, model, optimizer, scheduler, sharded=dist_info.sharded)
+        payload = load_state(state_dir, model, optimizer, scheduler, sharded=dist_info.mode == "fsdp")
         done = int(payload["step"])
         for _ in range(done * settings.grad_accum):
             next(stream)
@@ -178,14 +218,21 @@ def optimise(
         # Save only where the metrics window is empty, so nothing half-averaged is lost.
         save_every = (save_every // settings.log_every + 1) * settings.log_every
 
+    if dist_info.mode == "deepspeed":
+        from ibridge.zero import ZeroUpdate
+
+        updater = ZeroUpdate(model, optimizer, scheduler, settings, runtime, desc)
+        trained = updater.module
+    else:
+        updater = TorchUpdate(trained, model, optimizer, scheduler, settings, desc)
     if settings.pack_sequences and packing_supported(model, runtime):
         trained = PackedForward(trained)
 
     def save(step: int) -> None:
         # Under FSDP every rank takes part in gathering the state; rank 0 alone writes it.
-        if state_dir is not None and (dist_info.is_main or dist_info.sharded):
+        if state_dir is not None and (dist_info.is_main or dist_info.mode == "fsdp"):
             extra = {"bookmark": bookmark() if bookmark else {}, "tokens": tokens}
-            save_state(state_dir, model, optimizer, scheduler, step, extra, sharded=dist_info.sharded,
+            save_state(state_dir, model, optimizer, scheduler, step, extra, sharded=dist_info.mode == "fsdp",
                        write=dist_info.is_main)
 
     window: dict[str, list] = defaultdict(list)
@@ -203,28 +250,16 @@ def optimise(
                 batch = to_device(collate([items[i] for i in indices]), runtime.device)
                 with runtime.autocast():
                     out = compute(trained, batch)
-                (out.loss / settings.grad_accum).backward()
+                updater.backward(out.loss)
                 step_loss = step_loss + out.loss.detach() / settings.grad_accum
                 for key, value in out.metrics.items():
                     window[key].append(value)
                 n_tokens = int(batch["attention_mask"].sum())
                 tokens += n_tokens
                 window_tokens += n_tokens
-            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm))
-            # One host sync per step: the loss and the gradient norm must be finite
-            # before the update touches the weights.
-            loss_value, norm_value = torch.stack([step_loss, grad_norm.detach().float()]).tolist()
-            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-                what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-                raise NonFiniteLoss(
-                    f"{desc}: {what} is {loss_value if what == 'loss' else norm_value} at step {step} "
-                    f"(epoch {epoch + 1}); the weights were not updated and the last saved state is kept"
-                )
+            loss_value, norm_value = updater.update(step_loss, f"at step {step} (epoch {epoch + 1})")
             window["train/loss"].append(loss_value)
             window["train/grad_norm"].append(norm_value)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             if step % settings.log_every == 0 or step == total:
                 now = time.perf_counter()
                 metrics = {key: float(sum(float(v) for v in values) / len(values)) for key, values in window.items()}
