@@ -108,3 +108,23 @@ def test_unknown_key_and_option_are_one_line_errors(tmp_path, model_cache):
         proc = ibridge([override], tmp_path, model_cache, check=False)
         assert proc.returncode == 2
         assert expected in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+def test_sampled_kl_depends_on_the_seed_not_on_earlier_random_draws(smoke_run, tmp_path, model_cache):
+    """Sweep cells share a process: the KL estimate must not depend on what ran before it."""
+    from ibridge.data import source_for
+    from ibridge.evaluation.evaluate import evaluate_checkpoint
+    from ibridge.runtime import resolve_runtime
+    from tests.conftest import compose_config
+
+    cfg = compose_config(["debug=smoke", f"model.cache_dir={model_cache}", "eval.num_prompts=16"])
+    runtime = resolve_runtime(cfg.trainer)
+    results = json.loads((smoke_run / "results.json").read_text())
+    policy, reference = Path(results["stages"]["dpo"]["checkpoint"]), Path(results["stages"]["sft"]["checkpoint"])
+    estimates = []
+    for draws in (0, 1000):
+        torch.rand(draws)  # other work in the same process moves the global RNG
+        metrics = evaluate_checkpoint(cfg, source_for(cfg.data), policy, reference, runtime, tmp_path / str(draws),
+                                      "dpo")
+        estimates.append(metrics["kl_to_ref"])
+    assert estimates[0] == estimates[1]

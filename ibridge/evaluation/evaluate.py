@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ibridge.data.formatting import encode_split
 from ibridge.evaluation import stats
@@ -66,10 +67,15 @@ def evaluate_checkpoint(
     if reference_path is not None:
         pad = tokenizer.pad_token_id
         reference = load_model(reference_path, runtime)
-        samples = generate(
-            policy, tokenizer, prompts, runtime, ev.max_new_tokens, ev.batch_size, True, 1.0,
-            desc="sample for KL",
-        )
+        # Sampled from an RNG seeded here, so the estimate depends on `seed` alone, not on
+        # what ran earlier in the process (a sweep's cells share one process).
+        devices = [runtime.device.index or 0] if runtime.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(int(cfg.seed))
+            samples = generate(
+                policy, tokenizer, prompts, runtime, ev.max_new_tokens, ev.batch_size, True, 1.0,
+                desc="sample for KL",
+            )
         metrics["kl_to_ref"], metrics["kl_to_ref_se"] = sampled_kl(policy, reference, samples, runtime, pad)
         heldout = source.examples("heldout_pairs") if "heldout_pairs" in source.kinds else []
         if heldout:
