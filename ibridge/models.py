@@ -79,12 +79,24 @@ def save_checkpoint(model, tokenizer, final_dir: Path, state_dict: dict | None =
 # --------------------------------------------------------------------------- toy base
 
 
+def _pretrain_recipe(model_cfg) -> dict:
+    recipe = OmegaConf.to_container(model_cfg.pretrain, resolve=True)
+    if recipe.get("seed") is None:  # the world's seed: keys (and caches) from before the option stay valid
+        recipe.pop("seed", None)
+    return recipe
+
+
+def pretrain_seed(model_cfg, world_config) -> int:
+    seed = model_cfg.pretrain.get("seed")
+    return world_config.seed if seed is None else int(seed)
+
+
 def toy_base_key(model_cfg, world_config) -> str:
     """Cache key: the base model's own recipe (architecture, pretraining) and the world."""
     recipe = {
         "version": TOY_BASE_VERSION,
         "architecture": OmegaConf.to_container(model_cfg.architecture, resolve=True),
-        "pretrain": OmegaConf.to_container(model_cfg.pretrain, resolve=True),
+        "pretrain": _pretrain_recipe(model_cfg),
         "max_length": int(model_cfg.max_length),
         "world": world_config.fingerprint(),
     }
@@ -126,7 +138,8 @@ def build_toy_base(model_cfg, world_config, runtime: Runtime, final: Path) -> No
     from ibridge.training import OptimSettings, optimise
     from ibridge.world import build_tokenizer, build_world
 
-    seed_everything(world_config.seed)
+    seed = pretrain_seed(model_cfg, world_config)
+    seed_everything(seed)
     world = build_world(world_config)
     tokenizer = build_tokenizer(world_config)
     arch = OmegaConf.to_container(model_cfg.architecture, resolve=True)
@@ -154,7 +167,7 @@ def build_toy_base(model_cfg, world_config, runtime: Runtime, final: Path) -> No
         weight_decay=float(pre.weight_decay),
         warmup_ratio=float(pre.warmup_ratio),
         log_every=50,
-        seed=world_config.seed,
+        seed=seed,
     )
     pad = tokenizer.pad_token_id
     summary = optimise(
