@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import signal
 import sys
 import time
 import traceback
@@ -170,7 +171,12 @@ def run(cfg: DictConfig) -> dict:
         if main_process:
             (run_dir / "error.log").write_text(traceback.format_exc())
         write_results({**results, "runtime_s": round(time.time() - started, 2)})
-        if multirun and not isinstance(err, StopRequested):  # SIGTERM stops the whole sweep
+        if multirun and isinstance(err, StopRequested):
+            # SIGTERM stops the whole sweep. Hydra's launchers record an Exception as a
+            # failed cell and start the next one; SystemExit is not an Exception.
+            log.error("%s; the sweep stops here", err)
+            raise SystemExit(128 + signal.SIGTERM) from None
+        if multirun:
             log.error("run failed: %s (traceback in %s)", err, run_dir / "error.log")
             return results
         raise

@@ -140,3 +140,18 @@ def test_random_kills_never_leave_a_trusted_half_written_file(tmp_path, model_ca
     ibridge(args, tmp_path, model_cache)
     check_outputs_whole(tmp_path / "run")
     assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "completed"
+
+
+def test_sigterm_stops_the_whole_sweep_not_just_its_cell(tmp_path, model_cache):
+    proc = start(["-m", *TRAIN, "seed=0,1", "hydra.sweep.dir=sweep"], tmp_path, model_cache)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("sweep/0_*/sft/state/trainer_state.json")):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() < deadline, "the first cell saved no state in 120 s"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    first = json.loads(next(tmp_path.glob("sweep/0_*/results.json")).read_text())
+    assert first["status"] == "failed" and "SIGTERM" in first["error"]
+    assert not list(tmp_path.glob("sweep/1_*")), "the sweep went on to its second cell after SIGTERM"
