@@ -103,8 +103,15 @@ def _plain(text: str) -> str:
 
 
 def _table_rows(markdown: str) -> list[list[str]]:
-    rows = [line for line in markdown.splitlines() if line.startswith("| ")]
-    return [[c.strip() for c in row.strip("|").split(" | ")] for row in rows[1:]]
+    """The rows of the report's main table (the first one; the paired-effect tables follow it)."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    rows = []
+    for line in lines[start + 2:]:  # past the header and its separator
+        if not line.startswith("| "):
+            break
+        rows.append(line)
+    return [[c.strip() for c in row.strip("|").split(" | ")] for row in rows]
 
 
 @pytest.fixture(scope="module")

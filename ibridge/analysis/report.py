@@ -46,6 +46,9 @@ PLOTS = {
     "sft_vs_dpo_win_rate": "sft_vs_dpo_win_rate.png",
 }
 
+# Paired comparisons with the baseline cell (ibridge/analysis/effects.py) in report.md.
+EFFECT_METRICS = {"eval.dpo.win_rate": "Post-DPO win rate", "eval.dpo.gold_reward": "Post-DPO gold reward"}
+
 # Overrides that identify a cell's objective / lr / seed; every other override
 # that differs between runs (objective.beta, dpo.lr, ...) also splits cells.
 _IDENTITY_KEYS = ("objective", "lr", "seed")
@@ -400,6 +403,13 @@ def _markdown(sweep_dir: Path, cells: list[Cell], runs: list[Run], plots: dict[s
     for run in failed:
         lines.append(f"- `{_rel(run.path, sweep_dir)}` (objective {run.objective}, lr {_fmt_lr(run.lr)}, "
                      f"seed {run.seed}, {run.status}): {_md_escape(run.error or '')}")
+    from ibridge.analysis.effects import effects_markdown, paired_effects  # it builds on this module
+
+    effect_lines = []
+    for metric, title in EFFECT_METRICS.items():
+        effect_lines += effects_markdown(paired_effects(runs, metric), title)
+    if effect_lines:
+        lines += ["", "## Against the baseline (plain sft at the standard lr)", "", *effect_lines]
     lines += ["", "## Plots", ""]
     titles = {
         "dpo_win_rate_vs_lr": "Post-DPO win rate against the SFT learning rate",
@@ -618,6 +628,11 @@ def _cell_json(cell: Cell, sweep_dir: Path, extra: str) -> dict:
     }
 
 
+def _effect_json(effect) -> dict:
+    return {"objective": effect.objective, "lr": effect.lr, "mean": effect.mean, "se": effect.se,
+            "relative": effect.relative, "units": list(effect.units), "per_block": effect.per_block}
+
+
 def write_report(sweep_dir: Path, out_dir: Path | None = None, console: Console | None = None) -> dict:
     """Write report.md, report.json and the PNGs for `sweep_dir`; print the table.
 
@@ -626,6 +641,8 @@ def write_report(sweep_dir: Path, out_dir: Path | None = None, console: Console 
     ``eval_by_stage``; group ``train``: the ``stages`` records), plus the paths
     written under ``files``.
     """
+    from ibridge.analysis.effects import paired_effects  # it builds on this module
+
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"{sweep_dir}: no such folder")
@@ -652,6 +669,8 @@ def write_report(sweep_dir: Path, out_dir: Path | None = None, console: Console 
         "n_failed_runs": sum(not run.completed for run in runs),
         "n_failed_cells": sum(cell.status == "failed" for cell in cells),
         "columns": {col.key: col.header for col in COLUMNS},
+        "effects": {metric: [_effect_json(effect) for effect in paired_effects(runs, metric)]
+                    for metric in EFFECT_METRICS},
         "files": {"report_md": str(report_md), "report_json": str(report_json),
                   **{name: str(path) for name, path in plots.items()}},
     }
