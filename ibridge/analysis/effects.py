@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 
-from ibridge.analysis.report import Run, _fmt_lr, _lr_order, _run_scalars
+from ibridge.analysis.report import Run, _fmt_lr, _lr_order, _no_data, _run_scalars, _save
 from ibridge.evaluation.stats import mean_and_stderr
 
 BASELINE_OBJECTIVE = "sft"
@@ -122,3 +124,32 @@ def effects_markdown(effects: list[Effect], title: str) -> list[str]:
         row += [f"{effect.per_block[label]:+.3f}" if label in effect.per_block else "—" for label in per_block_columns]
         lines.append("| " + " | ".join(row) + " |")
     return lines + [""]
+
+
+def plot_effects(effects: list[Effect], path: Path) -> Path:
+    """One column per compared cell: each block's paired difference (small markers) and the
+    pooled mean ± se (large marker); above the zero line means better than the baseline."""
+    fig = Figure(figsize=(max(5.0, 1.1 * len(effects) + 2.5), 4.4), layout="constrained")
+    ax = fig.add_subplot()
+    if not effects:
+        _no_data(ax)
+        return _save(fig, path)
+    labels = sorted({label for effect in effects for label in effect.per_block})
+    markers = "osD^vPX*"
+    for x, effect in enumerate(effects):
+        for i, label in enumerate(labels):
+            if label in effect.per_block:
+                ax.plot(x + 0.12 * (i - (len(labels) - 1) / 2), effect.per_block[label], markers[i % len(markers)],
+                        color=f"C{i % 10}", alpha=0.7, ms=5, label=(label or "all runs") if x == 0 else None)
+        ax.errorbar(x, effect.mean, yerr=effect.se or 0.0, fmt="_", color="black", ms=22, mew=2, capsize=5,
+                    elinewidth=1.5, label="mean ± se" if x == 0 else None)
+    ax.axhline(0.0, color="gray", lw=1, ls="--")
+    ax.set_xticks(range(len(effects)), [f"{e.objective}\n{_fmt_lr(e.lr)}" for e in effects], fontsize=8)
+    ax.set_xlim(-0.6, len(effects) - 0.4)
+    metric = effects[0].metric.split(".")[-1].replace("_", " ")
+    ax.set_ylabel(f"Δ post-DPO {metric} vs baseline")
+    ax.set_title("Paired by seed against plain sft at the standard lr\n"
+                 "(small markers: per block; black: mean ± se over blocks)", fontsize=10)
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(True, axis="y", alpha=0.3)
+    return _save(fig, path)

@@ -44,6 +44,7 @@ PLOTS = {
     "dpo_win_rate_vs_lr": "dpo_win_rate_vs_lr.png",
     "kl_vs_lr": "kl_vs_lr.png",
     "sft_vs_dpo_win_rate": "sft_vs_dpo_win_rate.png",
+    "paired_effects": "paired_effects.png",
 }
 
 # Paired comparisons with the baseline cell (ibridge/analysis/effects.py) in report.md.
@@ -415,6 +416,7 @@ def _markdown(sweep_dir: Path, cells: list[Cell], runs: list[Run], plots: dict[s
         "dpo_win_rate_vs_lr": "Post-DPO win rate against the SFT learning rate",
         "kl_vs_lr": "KL drift against the SFT learning rate",
         "sft_vs_dpo_win_rate": "Post-SFT against post-DPO win rate",
+        "paired_effects": "Post-DPO win rate against plain sft at the standard lr, paired by seed",
     }
     for name, path in plots.items():
         lines += [f"- [{titles[name]}]({path.name})", "", f"  ![{titles[name]}]({path.name})", ""]
@@ -568,7 +570,6 @@ def plot_sft_vs_dpo(cells: list[Cell], path: Path) -> Path:
     colors = _colors(series)
     fig = Figure(figsize=(6.4, 5.6), layout="constrained")
     ax = fig.add_subplot()
-    extras = _varying_extras(cells)
     values: list[float] = []
     notes: dict[tuple[float, float], list[str]] = {}  # cells at the same point share one label
     for label, group in series.items():
@@ -580,13 +581,14 @@ def plot_sft_vs_dpo(cells: list[Cell], path: Path) -> Path:
             color, marker = colors[label]
             ax.errorbar(sft["mean"], dpo["mean"], xerr=sft["se"] or 0.0, yerr=dpo["se"] or 0.0, fmt=marker,
                         capsize=3, color=color, label=label if first else None)
-            note = " ".join(filter(None, (cell.objective, _fmt_lr(cell.lr), extras[id(cell)])))
-            notes.setdefault((round(sft["mean"], 3), round(dpo["mean"], 3)), []).append(note)
+            # The legend names objective and overrides; the label adds the lr (when it varies).
+            notes.setdefault((round(sft["mean"], 3), round(dpo["mean"], 3)), []).append(_fmt_lr(cell.lr))
             values += [sft["mean"], dpo["mean"]]
             first = False
-    for point, labels in notes.items():
-        ax.annotate("\n".join(labels), point, xytext=(5, 4), textcoords="offset points", fontsize=7,
-                    va="bottom")
+    if len({cell.lr for cell in cells}) > 1:
+        for point, labels in notes.items():
+            ax.annotate("\n".join(labels), point, xytext=(5, 4), textcoords="offset points", fontsize=7,
+                        va="bottom")
     if values:
         low, high = min(values), max(values)
         pad = max(0.05, 0.1 * (high - low))
@@ -594,13 +596,18 @@ def plot_sft_vs_dpo(cells: list[Cell], path: Path) -> Path:
         ax.plot([low, high], [low, high], ls="--", color="gray", lw=1, label="DPO = SFT")
         ax.set_xlim(low, high)
         ax.set_ylim(low, high)
-        ax.legend(title="SFT objective", fontsize=8, title_fontsize=8)
+        if len(series) > 6:  # many series: the legend goes beside the axes, not over the points
+            fig.set_size_inches(9.6, 5.6)
+            ax.legend(title="SFT objective", fontsize=7, title_fontsize=8, loc="upper left",
+                      bbox_to_anchor=(1.02, 1.0))
+        else:
+            ax.legend(title="SFT objective", fontsize=8, title_fontsize=8)
     else:
         _no_data(ax)
     ax.set_xlabel("post-SFT win rate")
     ax.set_ylabel("post-DPO win rate")
     ax.set_title("Win rate after SFT and after DPO, one point per cell\n"
-                 "(labels: objective and SFT lr; bars: standard error)", fontsize=10)
+                 "(labels: SFT lr where it varies; bars: standard error)", fontsize=10)
     ax.grid(True, alpha=0.3)
     return _save(fig, path)
 
@@ -641,7 +648,7 @@ def write_report(sweep_dir: Path, out_dir: Path | None = None, console: Console 
     ``eval_by_stage``; group ``train``: the ``stages`` records), plus the paths
     written under ``files``.
     """
-    from ibridge.analysis.effects import paired_effects  # it builds on this module
+    from ibridge.analysis.effects import paired_effects, plot_effects  # it builds on this module
 
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
@@ -657,6 +664,7 @@ def write_report(sweep_dir: Path, out_dir: Path | None = None, console: Console 
         "dpo_win_rate_vs_lr": plot_dpo_win_rate_vs_lr(cells, out_dir / PLOTS["dpo_win_rate_vs_lr"]),
         "kl_vs_lr": plot_kl_vs_lr(cells, out_dir / PLOTS["kl_vs_lr"]),
         "sft_vs_dpo_win_rate": plot_sft_vs_dpo(cells, out_dir / PLOTS["sft_vs_dpo_win_rate"]),
+        "paired_effects": plot_effects(paired_effects(runs, "eval.dpo.win_rate"), out_dir / PLOTS["paired_effects"]),
     }
     report_md = out_dir / "report.md"
     report_json = out_dir / "report.json"
