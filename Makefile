@@ -62,7 +62,7 @@ bench-trl: $(VENV)/.bench  ## ibridge vs TRL (DPO, SFT) and a bare loop: tok/s, 
 	$(BIN)/python benchmarks/bench_trl.py
 
 REPRO_DIR ?= multirun/reproduce
-reproduce: setup  ## both grids on the toy world, 3 base models x 3 seeds each, then the reports (~1 h on 2 cores)
+reproduce: setup  ## both grids on the toy world, 3 base models x 3 seeds each, then the reports (~20 min on 2 cores)
 	$(BIN)/ibridge -m grid=lr model.pretrain.seed=null,1,2 hydra.sweep.dir=$(REPRO_DIR)/lr
 	$(BIN)/ibridge report report.path=$(REPRO_DIR)/lr logger=none
 	$(BIN)/ibridge -m grid=divergence model.pretrain.seed=null,1,2 hydra.sweep.dir=$(REPRO_DIR)/divergence
