@@ -524,31 +524,26 @@ def worker_generation(spec) -> dict:
             "eval_metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
 
 
+# Each subprocess worker by name: what it runs, given the spec.
+WORKERS = {
+    "ibridge_sft": (lambda spec: worker_ibridge(spec, "sft")),
+    "ibridge_dpo": (lambda spec: worker_ibridge(spec, "dpo")),
+    "bare_sft": (lambda spec: worker_bare(spec, "sft")),
+    "bare_dpo": (lambda spec: worker_bare(spec, "dpo")),
+    "trl_sft": (lambda spec: worker_trl(spec, "sft")),
+    "trl_dpo": (lambda spec: worker_trl(spec, "dpo")),
+    "trl_dpo_precompute": (lambda spec: worker_trl(spec, "dpo", precompute=True)),
+    "trl_sft_defaults": (lambda spec: worker_trl(spec, "sft", defaults=True)),
+    "trl_dpo_defaults": (lambda spec: worker_trl(spec, "dpo", defaults=True)),
+    "check": worker_check,
+    "generation": worker_generation,
+}
+
+
 def run_worker(name: str, spec: Spec) -> dict:
-    if name == "ibridge_sft":
-        result = worker_ibridge(spec, "sft")
-    elif name == "ibridge_dpo":
-        result = worker_ibridge(spec, "dpo")
-    elif name == "bare_sft":
-        result = worker_bare(spec, "sft")
-    elif name == "bare_dpo":
-        result = worker_bare(spec, "dpo")
-    elif name == "trl_sft":
-        result = worker_trl(spec, "sft")
-    elif name == "trl_dpo":
-        result = worker_trl(spec, "dpo")
-    elif name == "trl_dpo_precompute":
-        result = worker_trl(spec, "dpo", precompute=True)
-    elif name == "trl_sft_defaults":
-        result = worker_trl(spec, "sft", defaults=True)
-    elif name == "trl_dpo_defaults":
-        result = worker_trl(spec, "dpo", defaults=True)
-    elif name == "check":
-        result = worker_check(spec)
-    elif name == "generation":
-        result = worker_generation(spec)
-    else:
+    if name not in WORKERS:
         raise SystemExit(f"unknown worker {name}")
+    result = WORKERS[name](spec)
     result["peak_rss_mb"] = peak_rss_mb()
     return result
 
