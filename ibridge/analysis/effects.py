@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from ibridge.analysis.report import Run, _fmt_lr, _lr_order, _no_data, _run_scalars, _save
+from ibridge.analysis.report import Run, _fmt_lr, _lr_order, _no_data, _run_scalars, _save, _varying_extras
 from ibridge.evaluation.stats import mean_and_stderr
 
 BASELINE_OBJECTIVE = "sft"
@@ -57,16 +57,11 @@ def _value(run: Run, metric: str) -> float | None:
     return _run_scalars(run.results).get(group, {}).get(stage, {}).get(name)
 
 
-def _block_labels(runs: list[Run]) -> dict[int, str]:
-    """Each run's block: the overrides (beyond objective/lr/seed) that vary across the sweep."""
-    common = set.intersection(*(set(run.extra) for run in runs)) if runs else set()
-    return {id(run): ",".join(item for item in run.extra if item not in common) for run in runs}
-
-
 def paired_effects(runs: list[Run], metric: str = "eval.dpo.win_rate") -> list[Effect]:
     """Every non-baseline cell's paired difference in `metric` (``group.stage.name``) from the baseline."""
-    runs = [run for run in runs if run.completed and _value(run, metric) is not None]
-    labels = _block_labels(runs)
+    values = {id(run): _value(run, metric) for run in runs if run.completed}  # read each run once
+    runs = [run for run in runs if values.get(id(run)) is not None]
+    labels = _varying_extras(runs)  # a run's block: the overrides beyond objective/lr/seed that vary
     blocks: dict[str, list[Run]] = {}
     for run in runs:
         blocks.setdefault(labels[id(run)], []).append(run)
@@ -75,7 +70,7 @@ def paired_effects(runs: list[Run], metric: str = "eval.dpo.win_rate") -> list[E
         sft_lrs = [run.lr for run in members if run.objective == BASELINE_OBJECTIVE and isinstance(run.lr, float)]
         if sft_lrs:
             top = max(sft_lrs)
-            baselines[label] = (top, {run.seed: _value(run, metric) for run in members
+            baselines[label] = (top, {run.seed: values[id(run)] for run in members
                                       if run.objective == BASELINE_OBJECTIVE and run.lr == top})
     cells: dict[tuple, dict[str, list[float]]] = {}
     for label, members in blocks.items():
@@ -85,7 +80,7 @@ def paired_effects(runs: list[Run], metric: str = "eval.dpo.win_rate") -> list[E
         for run in members:
             if (run.objective, run.lr) != (BASELINE_OBJECTIVE, top) and run.seed in base:
                 cells.setdefault((run.objective, run.lr), {}).setdefault(label, []).append(
-                    _value(run, metric) - base[run.seed])
+                    values[id(run)] - base[run.seed])
     effects = []
     for (objective, lr), by_block in cells.items():
         per_block = {label: float(np.mean(diffs)) for label, diffs in sorted(by_block.items())}

@@ -317,8 +317,8 @@ def build_cells(runs: list[Run]) -> list[Cell]:
     return ordered
 
 
-def _varying_extras(cells: list[Cell]) -> dict[int, str]:
-    """Per cell, the other overrides that are not common to every cell ("" if none)."""
+def _varying_extras(cells: list[Cell] | list[Run]) -> dict[int, str]:
+    """Per cell (or run), the other overrides that are not common to all of them ("" if none)."""
     common = set.intersection(*(set(c.extra) for c in cells)) if cells else set()
     return {id(c): ",".join(e for e in c.extra if e not in common) for c in cells}
 
@@ -374,7 +374,7 @@ def _md_escape(text: str) -> str:
     return _one_line(text).replace("|", "\\|")
 
 
-def _markdown(sweep_dir: Path, cells: list[Cell], runs: list[Run], plots: dict[str, Path]) -> str:
+def _markdown(sweep_dir: Path, cells: list[Cell], runs: list[Run], plots: dict[str, Path], effects: dict) -> str:
     extras = _varying_extras(cells)
     show_extra = any(extras.values())
     headers = _headers(show_extra)
@@ -404,11 +404,11 @@ def _markdown(sweep_dir: Path, cells: list[Cell], runs: list[Run], plots: dict[s
     for run in failed:
         lines.append(f"- `{_rel(run.path, sweep_dir)}` (objective {run.objective}, lr {_fmt_lr(run.lr)}, "
                      f"seed {run.seed}, {run.status}): {_md_escape(run.error or '')}")
-    from ibridge.analysis.effects import effects_markdown, paired_effects  # it builds on this module
+    from ibridge.analysis.effects import effects_markdown  # it builds on this module
 
     effect_lines = []
     for metric, title in EFFECT_METRICS.items():
-        effect_lines += effects_markdown(paired_effects(runs, metric), title)
+        effect_lines += effects_markdown(effects[metric], title)
     if effect_lines:
         lines += ["", "## Against the baseline (plain sft at the standard lr)", "", *effect_lines]
     lines += ["", "## Plots", ""]
@@ -659,12 +659,13 @@ def write_report(sweep_dir: Path, out_dir: Path | None = None, console: Console 
     out_dir = Path(out_dir) if out_dir is not None else sweep_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     cells = build_cells(runs)
+    effects = {metric: paired_effects(runs, metric) for metric in EFFECT_METRICS}
 
     plots = {
         "dpo_win_rate_vs_lr": plot_dpo_win_rate_vs_lr(cells, out_dir / PLOTS["dpo_win_rate_vs_lr"]),
         "kl_vs_lr": plot_kl_vs_lr(cells, out_dir / PLOTS["kl_vs_lr"]),
         "sft_vs_dpo_win_rate": plot_sft_vs_dpo(cells, out_dir / PLOTS["sft_vs_dpo_win_rate"]),
-        "paired_effects": plot_effects(paired_effects(runs, "eval.dpo.win_rate"), out_dir / PLOTS["paired_effects"]),
+        "paired_effects": plot_effects(effects["eval.dpo.win_rate"], out_dir / PLOTS["paired_effects"]),
     }
     report_md = out_dir / "report.md"
     report_json = out_dir / "report.json"
@@ -677,12 +678,11 @@ def write_report(sweep_dir: Path, out_dir: Path | None = None, console: Console 
         "n_failed_runs": sum(not run.completed for run in runs),
         "n_failed_cells": sum(cell.status == "failed" for cell in cells),
         "columns": {col.key: col.header for col in COLUMNS},
-        "effects": {metric: [_effect_json(effect) for effect in paired_effects(runs, metric)]
-                    for metric in EFFECT_METRICS},
+        "effects": {metric: [_effect_json(effect) for effect in found] for metric, found in effects.items()},
         "files": {"report_md": str(report_md), "report_json": str(report_json),
                   **{name: str(path) for name, path in plots.items()}},
     }
-    report_md.write_text(_markdown(sweep_dir, cells, runs, plots), encoding="utf-8")
+    report_md.write_text(_markdown(sweep_dir, cells, runs, plots, effects), encoding="utf-8")
     write_json_atomic(report_json, payload)
 
     console = console or Console(width=None if sys.stdout.isatty() else 240)
