@@ -107,9 +107,11 @@ def validate(cfg: DictConfig) -> None:
     _positive_int(cfg, "eval.max_new_tokens")
     _positive_int(cfg, "eval.batch_size")
     _positive_int(cfg, "model.max_length")
+    from ibridge.distributed import DATA_PARALLEL_MODES
+
     mode = OmegaConf.select(cfg, "trainer.distributed", default="none")
-    if mode not in ("none", "ddp", "fsdp", "deepspeed"):
-        raise ConfigError(f"trainer.distributed={mode!r}: expected none, ddp, fsdp or deepspeed")
+    if mode not in ("none", *DATA_PARALLEL_MODES):
+        raise ConfigError(f"trainer.distributed={mode!r}: expected one of none, {', '.join(DATA_PARALLEL_MODES)}")
     if mode in ("fsdp", "deepspeed") and OmegaConf.select(cfg, "model.lora.enabled", default=False):
         raise ConfigError(f"model.lora.enabled=true with trainer={mode}: LoRA stages run with trainer=ddp "
                           "(the frozen base fits each GPU; only the adapters train)")

@@ -1,12 +1,12 @@
 """Data-parallel training across processes (torchrun), with rank 0 the only writer.
 
 Launch with ``torchrun --nproc_per_node N -m ibridge train trainer=ddp ...`` (or
-``trainer=fsdp``): every rank runs the same Hydra app with the same overrides, so
+``trainer=fsdp`` / ``trainer=deepspeed``): every rank runs the same Hydra app with the same overrides, so
 every rank resolves the same run folder, but only rank 0 writes into it (config,
 metrics, checkpoints, results.json, wandb). Each rank takes its share of every
 global batch, so `batch_size` is per process.
 
-Two modes, the same maths (gradients averaged over ranks):
+Three modes, the same maths (gradients averaged over ranks):
 
 * ``ddp``: DistributedDataParallel; every rank holds the whole model and optimiser.
 * ``fsdp``: PyTorch's fully sharded data parallel (FSDP2, ``fully_shard``), one
@@ -17,6 +17,7 @@ Two modes, the same maths (gradients averaged over ranks):
   7-8B model, whose fp32 weights, gradients and AdamW moments (16 bytes/parameter,
   ~128 GB) fit no single GPU. State dicts are gathered to full tensors for saving,
   so checkpoints and resumable states have the same format in every mode.
+* ``deepspeed``: DeepSpeed ZeRO-1/2/3, an engine around the same loop (ibridge/zero.py).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    mode: str = "none"  # none | ddp | fsdp
+    mode: str = "none"  # "none" or one of DATA_PARALLEL_MODES
     reshard_after_forward: bool = True  # fsdp only: ZeRO-3 (True) or ZeRO-2 (False)
     zero_stage: int = 0  # deepspeed only: 1, 2 or 3
 

@@ -105,8 +105,8 @@ class TorchUpdate:
     per optimiser step; `ibridge.zero.ZeroUpdate` is the same pair through DeepSpeed.
     """
 
-    def __init__(self, module, model, optimizer, scheduler, settings: OptimSettings, desc: str):
-        self.module, self.model = module, model
+    def __init__(self, model, optimizer, scheduler, settings: OptimSettings, desc: str):
+        self.model = model
         self.optimizer, self.scheduler = optimizer, scheduler
         self.settings, self.desc = settings, desc
 
@@ -186,6 +186,7 @@ def optimise(
             logger.warning("%s: trainer=deepspeed keeps no mid-stage state (DeepSpeed's checkpoints are pickles, "
                         "which ibridge does not load); a killed stage restarts from its beginning", desc)
         state_dir = None
+    gathered_states = dist_info.mode == "fsdp"  # resumable states are gathered from every rank's shard
     model.train()
     # DDP wraps the model; FSDP shards it in place (before the optimiser sees its parameters).
     trained = wrap(model, dist_info, runtime.device, runtime.precision)
@@ -207,7 +208,7 @@ def optimise(
     done = 0
     payload: dict = {}
     if state_dir is not None and has_state(state_dir):
-        payload = load_state(state_dir, model, optimizer, scheduler, sharded=dist_info.mode == "fsdp")
+        payload = load_state(state_dir, model, optimizer, scheduler, sharded=gathered_states)
         done = int(payload["step"])
         for _ in range(done * settings.grad_accum):
             next(stream)
@@ -224,15 +225,15 @@ def optimise(
         updater = ZeroUpdate(model, optimizer, scheduler, settings, runtime, desc)
         trained = updater.module
     else:
-        updater = TorchUpdate(trained, model, optimizer, scheduler, settings, desc)
+        updater = TorchUpdate(model, optimizer, scheduler, settings, desc)
     if settings.pack_sequences and packing_supported(model, runtime):
         trained = PackedForward(trained)
 
     def save(step: int) -> None:
         # Under FSDP every rank takes part in gathering the state; rank 0 alone writes it.
-        if state_dir is not None and (dist_info.is_main or dist_info.mode == "fsdp"):
+        if state_dir is not None and (dist_info.is_main or gathered_states):
             extra = {"bookmark": bookmark() if bookmark else {}, "tokens": tokens}
-            save_state(state_dir, model, optimizer, scheduler, step, extra, sharded=dist_info.mode == "fsdp",
+            save_state(state_dir, model, optimizer, scheduler, step, extra, sharded=gathered_states,
                        write=dist_info.is_main)
 
     window: dict[str, list] = defaultdict(list)
