@@ -119,6 +119,9 @@ def validate(cfg: DictConfig) -> None:
         stage = OmegaConf.select(cfg, "trainer.deepspeed.zero_stage", default=None)
         if stage not in (1, 2, 3) or isinstance(stage, bool):
             raise ConfigError(f"trainer.deepspeed.zero_stage={stage!r}: expected 1, 2 or 3")
+    seed = OmegaConf.select(cfg, "model.pretrain.seed", default=None)
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ConfigError(f"model.pretrain.seed={seed!r}: expected an integer, or null for the world's seed")
     if not isinstance(OmegaConf.select(cfg, "trainer.pack_sequences", default=True), bool):
         raise ConfigError(f"trainer.pack_sequences={cfg.trainer.pack_sequences!r}: expected true or false")
     warmup = cfg.schedule.warmup_ratio

@@ -121,6 +121,7 @@ def test_reward_model_judge_needs_a_path():
         (["schedule.warmup_ratio=1.5"], "schedule.warmup_ratio"),
         (["trainer=fsdp", "model.lora.enabled=true"], "model.lora.enabled"),
         (["trainer.distributed=zero"], "trainer.distributed"),
+        (["model.pretrain.seed=abc"], "model.pretrain.seed"),
         (["trainer=deepspeed", "trainer.deepspeed.zero_stage=4"], "trainer.deepspeed.zero_stage"),
         (["trainer=deepspeed", "model.lora.enabled=true"], "model.lora.enabled"),
     ],
