@@ -191,11 +191,11 @@ def bare_batches(spec, kind: str, runtime):
 
     from omegaconf import open_dict
 
+    from ibridge.batching import optimiser_steps
     from ibridge.data.collate import collate_demonstrations, collate_pairs
     from ibridge.data.formatting import encode_split
     from ibridge.models import load_tokenizer
     from ibridge.stages import attach_reference
-    from ibridge.training import micro_batches
 
     data_kind = "demonstrations" if kind == "sft" else "preferences"
     examples = json.loads(Path(spec.data).read_text())[data_kind]
@@ -209,8 +209,9 @@ def bare_batches(spec, kind: str, runtime):
         attach_reference(encoded, data_kind, Path(spec.base), SimpleNamespace(cfg=cfg, runtime=runtime), pad)
     settings = _settings(spec, kind)
     collate = collate_demonstrations if kind == "sft" else collate_pairs
-    stream = micro_batches(len(encoded), settings.batch_size, settings.seed)
-    return [collate([encoded[i] for i in next(stream)[1]], pad) for _ in range(settings.total_steps(len(encoded)))]
+    stream = optimiser_steps(len(encoded), settings.batch_size, settings.grad_accum, settings.seed)
+    steps = [next(stream)[1] for _ in range(settings.total_steps(len(encoded)))]
+    return [collate([encoded[i] for i in micro.indices], pad) for plan in steps for micro in plan]
 
 
 def worker_bare(spec, kind: str) -> dict:

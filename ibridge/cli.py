@@ -141,6 +141,7 @@ def run(cfg: DictConfig) -> dict:
     started = time.time()
     main_process = True
     runtime = None
+    failed = True  # until the job returns: shutdown() must not wait for ranks after an error
 
     def write_results(payload: dict) -> None:
         if main_process:
@@ -156,6 +157,7 @@ def run(cfg: DictConfig) -> dict:
         barrier(runtime.dist)
         results.update(_run_job(cfg, run_dir, _group_name(hydra_cfg, run_dir), runtime))
         results["status"] = "completed"
+        failed = False
     except ConfigError as err:
         results.update(status="failed", error=f"config error: {err}")
         write_results(results)
@@ -182,7 +184,7 @@ def run(cfg: DictConfig) -> dict:
         raise
     finally:
         if runtime is not None:
-            shutdown(runtime.dist)
+            shutdown(runtime.dist, failed=failed)
     results["runtime_s"] = round(time.time() - started, 2)
     write_results(results)
     if main_process:

@@ -119,6 +119,16 @@ def validate(cfg: DictConfig) -> None:
         stage = OmegaConf.select(cfg, "trainer.deepspeed.zero_stage", default=None)
         if stage not in (1, 2, 3) or isinstance(stage, bool):
             raise ConfigError(f"trainer.deepspeed.zero_stage={stage!r}: expected 1, 2 or 3")
+    precision = OmegaConf.select(cfg, "trainer.precision", default="auto")
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError(f"trainer.precision={precision!r}: expected auto, fp32, bf16 or fp16")
+    if precision == "fp16" and mode != "deepspeed":
+        # fp16 gradients underflow without loss scaling; only DeepSpeed's engine scales the loss.
+        raise ConfigError(f"trainer.precision=fp16 with trainer.distributed={mode}: fp16 needs a loss scaler, "
+                          "which only trainer=deepspeed has; use bf16 (or fp32 on GPUs without bf16)")
+    timeout = OmegaConf.select(cfg, "trainer.dist_timeout_min", default=60)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ConfigError(f"trainer.dist_timeout_min={timeout!r}: expected a number of minutes > 0")
     seed = OmegaConf.select(cfg, "model.pretrain.seed", default=None)
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise ConfigError(f"model.pretrain.seed={seed!r}: expected an integer, or null for the world's seed")

@@ -22,6 +22,9 @@ Three modes, the same maths (gradients averaged over ranks):
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import logging
 import os
 from dataclasses import dataclass
 
@@ -29,6 +32,9 @@ import torch
 import torch.distributed as dist
 
 DATA_PARALLEL_MODES = ("ddp", "fsdp", "deepspeed")
+# NCCL's own default is 10 minutes; a collective that waits longer than this on a slow
+# rank (a reference pass, a checkpoint write) aborts the job. trainer.dist_timeout_min.
+DEFAULT_TIMEOUT_MIN = 60
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,9 @@ class DistInfo:
     mode: str = "none"  # "none" or one of DATA_PARALLEL_MODES
     reshard_after_forward: bool = True  # fsdp only: ZeRO-3 (True) or ZeRO-2 (False)
     zero_stage: int = 0  # deepspeed only: 1, 2 or 3
+    # Where tensors handed to collectives live: NCCL takes only CUDA tensors, so every
+    # collective of ibridge's own (counts, metrics, checksums) builds its tensor here.
+    collective_device: str = "cpu"
 
     @property
     def is_main(self) -> bool:
@@ -58,6 +67,13 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def process_group_backend(device_type: str) -> str:
+    """``cpu:gloo,cuda:nccl`` on GPUs: NCCL for the device tensors of training, gloo beside
+    it so that a CPU tensor reaching a collective (a library's, say) still works rather
+    than crashing the job after hours of training; plain gloo on CPU."""
+    return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+
+
 def init_distributed(trainer_cfg) -> DistInfo:
     """Join the process group torchrun set up; a no-op in a single process."""
     mode = trainer_cfg.get("distributed", "none")
@@ -69,22 +85,55 @@ def init_distributed(trainer_cfg) -> DistInfo:
             f"launched with {world} processes but trainer.distributed={mode!r}: use trainer=ddp, "
             "trainer=fsdp or trainer=deepspeed (or launch a single process)"
         )
-    backend = "nccl" if torch.cuda.is_available() and trainer_cfg.get("device", "auto") != "cpu" else "gloo"
+    on_gpu = torch.cuda.is_available() and trainer_cfg.get("device", "auto") != "cpu"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if on_gpu:
+        torch.cuda.set_device(local_rank)
+    timeout = datetime.timedelta(minutes=float(trainer_cfg.get("dist_timeout_min", DEFAULT_TIMEOUT_MIN)))
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=process_group_backend("cuda" if on_gpu else "cpu"), timeout=timeout)
     fsdp_cfg = trainer_cfg.get("fsdp") or {}
-    info = DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                    local_rank=int(os.environ.get("LOCAL_RANK", "0")), mode=mode,
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, mode=mode,
                     reshard_after_forward=bool(fsdp_cfg.get("reshard_after_forward", True)),
-                    zero_stage=int((trainer_cfg.get("deepspeed") or {}).get("zero_stage", 0)) if mode == "deepspeed" else 0)
-    if backend == "nccl":
-        torch.cuda.set_device(info.local_rank)
-    return info
+                    zero_stage=int((trainer_cfg.get("deepspeed") or {}).get("zero_stage", 0)) if mode == "deepspeed" else 0,
+                    collective_device=f"cuda:{local_rank}" if on_gpu else "cpu")
 
 
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
+    """Element-wise sum of `values` over the ranks (float64, on the collective device);
+    `values` itself in a single process. One collective, one host sync."""
+    if not info.enabled:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=info.collective_device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def require_deepspeed():
+    try:
+        import deepspeed
+    except ImportError as err:  # an optional extra: say how to get it
+        raise RuntimeError(
+            "trainer=deepspeed needs DeepSpeed: pip install --no-build-isolation -e '.[deepspeed]' "
+            "(after torch), or use trainer=fsdp for the same sharding inside PyTorch"
+        ) from err
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # one INFO line per step otherwise
+    return deepspeed
+
+
+def gathered(model: torch.nn.Module, info: DistInfo, parameters=None):
+    """Under ZeRO-3, `parameters` (default: all of `model`'s) gathered whole inside the
+    block (a collective call); a no-op otherwise."""
+    if info.mode != "deepspeed" or info.zero_stage != 3:
+        return contextlib.nullcontext()
+    deepspeed = require_deepspeed()
+    return deepspeed.zero.GatheredParameters(list(parameters if parameters is not None else model.parameters()),
+                                             modifier_rank=None)
 
 
 def wrap(model: torch.nn.Module, info: DistInfo, device: torch.device, precision: str = "fp32") -> torch.nn.Module:
@@ -142,10 +191,18 @@ def full_model_state(model: torch.nn.Module, info: DistInfo) -> dict[str, torch.
     if not info.sharded:
         return None
     if info.mode == "deepspeed":
-        from ibridge.zero import gathered
-
-        with gathered(model, info):
-            state = {name: value.detach().cpu().clone() for name, value in model.state_dict().items()}
+        # One module's own parameters at a time: never the whole model gathered on a GPU,
+        # and only rank 0 keeps (and pays for) the CPU copy.
+        state = {}
+        for prefix, module in model.named_modules():
+            own = list(module.parameters(recurse=False))
+            with gathered(model, info, own):
+                if info.is_main:
+                    for name, value in module.state_dict(keep_vars=False).items():
+                        if "." not in name:  # this module's own tensors; children come in their turn
+                            state[f"{prefix}.{name}" if prefix else name] = value.detach().cpu().clone()
+        if not info.is_main:
+            return None
     else:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -163,22 +220,26 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def parameter_checksums(model: torch.nn.Module, info: DistInfo) -> list[float]:
     """Each rank's sum of |parameters| (float64), gathered: equal when the ranks agree."""
-    from ibridge.zero import gathered
-
     # Under FSDP / ZeRO-3 each parameter is gathered whole first (a collective: every rank sums the same).
     with gathered(unwrap(model), info):
-        total = torch.tensor(sum(float(full_tensor(p.detach()).double().abs().sum())
-                                 for p in unwrap(model).parameters()), dtype=torch.float64)
+        total = sum(float(full_tensor(p.detach()).double().abs().sum()) for p in unwrap(model).parameters())
     if not info.enabled:
-        return [float(total)]
-    gathered = [torch.zeros_like(total) for _ in range(info.world_size)]
-    dist.all_gather(gathered, total)
-    return [float(x) for x in gathered]
+        return [total]
+    # On the collective device: NCCL has no CPU tensors.
+    mine = torch.tensor([total], dtype=torch.float64, device=info.collective_device)
+    everyone = [torch.zeros_like(mine) for _ in range(info.world_size)]
+    dist.all_gather(everyone, mine)
+    return [float(x) for x in torch.cat(everyone).tolist()]
 
 
-def shutdown(info: DistInfo) -> None:
+def shutdown(info: DistInfo, failed: bool = False) -> None:
+    """Leave the process group. After a clean run, a barrier first: a rank that tears its
+    group down while another is still in a collective aborts the process ("terminate
+    called without an active exception"). After a failure, no barrier: the other ranks
+    are in some other collective, and waiting for them would turn one rank's error into a
+    hang until the timeout; this process ends, torchrun sees the non-zero exit and stops
+    the others."""
     if info.enabled and dist.is_initialized():
-        # Without this barrier a rank that tears its group down while another is still in
-        # a collective aborts the process ("terminate called without an active exception").
-        dist.barrier()
+        if not failed:
+            dist.barrier()
         dist.destroy_process_group()

@@ -43,7 +43,8 @@ def load_tokenizer(path: str | Path, runtime: Runtime | None = None, model_cfg=N
     return prepare_tokenizer(AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust), model_cfg)
 
 
-def load_model(path: str | Path, runtime: Runtime, trust_remote_code: bool | None = None, on_device: bool = True):
+def load_model(path: str | Path, runtime: Runtime, trust_remote_code: bool | None = None, on_device: bool = True,
+               dtype: torch.dtype | None = None):
     """A causal LM from a Hugging Face folder or hub name, fp32 weights on `runtime.device`
     (on the CPU with ``on_device=False``: FSDP moves each rank's shard itself)."""
     from transformers import AutoModelForCausalLM
@@ -56,7 +57,7 @@ def load_model(path: str | Path, runtime: Runtime, trust_remote_code: bool | Non
         raise FileNotFoundError(f"{local}: no model in safetensors format (expected model*.safetensors)")
     model = AutoModelForCausalLM.from_pretrained(
         str(local) if local.exists() else path,
-        dtype=torch.float32,
+        dtype=dtype or torch.float32,
         use_safetensors=True,
         trust_remote_code=trust_remote_code,
         attn_implementation=runtime.attn_implementation,

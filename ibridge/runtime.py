@@ -44,7 +44,8 @@ def resolve_runtime(trainer_cfg, model_cfg=None) -> Runtime:
     device = torch.device(requested)
     precision = trainer_cfg.get("precision", "auto")
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        # Native bf16 only: GPUs before Ampere emulate it, far slower than fp32.
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"trainer.precision={precision!r}: expected auto, fp32, bf16 or fp16")
     # On CPU, transformers' sdpa attention path measured ~75x slower than eager for a

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ibridge.data.collate import collate_demonstrations, collate_pairs
-from ibridge.data.formatting import encode_split
+from ibridge.data.formatting import IGNORE_INDEX, encode_split
 from ibridge.distributed import barrier, full_model_state
 from ibridge.evaluation.drift import token_kl
 from ibridge.io import write_json_atomic
@@ -35,7 +35,8 @@ def demonstration_step(objective):
     """compute(model, batch) for objectives on demonstrations (sft, tv, chi2, ...)."""
 
     def compute(model, batch):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       use_cache=False).logits  # (B, T, V); no KV cache: nothing is generated
         logps, mask = token_logps(logits, batch["labels"])  # (B, T-1)
         return objective(logps, batch.get("ref_logps"), mask)
 
@@ -46,12 +47,21 @@ def preference_step(objective):
     """compute(model, batch) for preference objectives: chosen and rejected in one forward."""
 
     def compute(model, batch):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (2B, T, V)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       use_cache=False).logits  # (2B, T, V)
         logps, mask = token_logps(logits, batch["labels"])  # (2B, T-1)
         chosen, rejected = sequence_logps(logps, mask).chunk(2)  # (B,), (B,)
         return objective(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"])
 
     return compute
+
+
+def loss_units(objective):
+    """count_units(batch) for `optimise`: what the objective's loss is a mean over, counted on
+    the CPU batch (scored tokens, sequences or pairs; ibridge/batching.py)."""
+    if objective.data_kind == "demonstrations":
+        return lambda batch: objective.loss_units(batch["labels"][:, 1:] != IGNORE_INDEX)
+    return lambda batch: objective.loss_units(batch["input_ids"].shape[0] // 2)  # chosen rows, then rejected
 
 
 def attach_reference(encoded: list[dict], kind: str, reference_path: Path, ctx, pad_id: int) -> None:
@@ -105,6 +115,27 @@ def drift_evaluator(ctx, tokenizer, reference_path: Path):
     return evaluate
 
 
+def load_trainable(init_path: Path, ctx):
+    """The model a stage trains: fp32 weights (the optimiser's master copy); with LoRA, the
+    frozen base in the run's compute dtype on GPUs (bf16: half the memory, and autocast
+    would cast it anyway) under fp32 adapters (peft upcasts them); with
+    ``trainer.gradient_checkpointing``, activations recomputed in the backward pass
+    (non-reentrant; with LoRA, peft's input-grad hook so that the frozen embeddings'
+    output carries gradients into the checkpointed blocks)."""
+    cfg, runtime = ctx.cfg, ctx.runtime
+    lora = lora_enabled(cfg.model)
+    frozen_dtype = torch.bfloat16 if lora and runtime.precision == "bf16" and runtime.device.type == "cuda" else None
+    model = load_model(init_path, runtime, on_device=not runtime.dist.sharded, dtype=frozen_dtype)
+    if bool(cfg.trainer.get("gradient_checkpointing", False)):
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lora:
+            model.enable_input_require_grads()
+    if lora:
+        model = wrap_with_lora(model, cfg.model.lora)
+    return model
+
+
 def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path: Path, out_dir: Path,
                 reference_path: Path | None = None, run_name: str | None = None) -> dict:
     """Train one stage from `init_path`; returns the stage's record for results.json.
@@ -144,9 +175,7 @@ def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path
         pack_sequences=bool(cfg.trainer.get("pack_sequences", True)),
     )
     ctx.logger.start(stage, run_name or stage, {"stage": stage, "stage_objective": objective.name, "stage_lr": lr})
-    model = load_model(init_path, ctx.runtime, on_device=not ctx.runtime.dist.sharded)
-    if lora_enabled(cfg.model):
-        model = wrap_with_lora(model, cfg.model.lora)
+    model = load_trainable(init_path, ctx)
     collate = collate_demonstrations if kind == "demonstrations" else collate_pairs
     evaluate = drift_evaluator(ctx, tokenizer, reference_path) if kind == "demonstrations" else None
     summary = optimise(
@@ -154,6 +183,7 @@ def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path
         demonstration_step(objective) if kind == "demonstrations" else preference_step(objective),
         settings, ctx.runtime, log=ctx.logger.log, desc=f"{stage} ({objective.name})", evaluate=evaluate,
         state_dir=out_dir / "state", bookmark=ctx.logger.bookmark, rewind=ctx.logger.rewind,
+        count_units=loss_units(objective),
     )
     record = {
         "objective": objective.name,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import signal
 import threading
 import time
@@ -29,10 +28,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from ibridge.batching import micro_batch_weight, optimiser_steps, scored_tokens, steps_per_epoch
 from ibridge.checkpointing import has_state, load_state, save_state
-from ibridge.distributed import full_tensor, parameter_checksums, wrap
+from ibridge.distributed import all_reduce_sum, parameter_checksums, wrap
 from ibridge.packing import PackedForward, packing_supported
 from ibridge.runtime import Runtime
+from ibridge.updates import NonFiniteLoss, TorchUpdate
+
+__all__ = ["NonFiniteLoss", "OptimSettings", "StageSummary", "StopRequested", "optimise"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,35 +60,13 @@ class OptimSettings:
     pack_sequences: bool = True
 
     def total_steps(self, n_items: int, world_size: int = 1) -> int:
-        per_epoch = max(1, math.ceil(n_items / (self.batch_size * self.grad_accum * world_size)))
+        """Optimiser steps of the stage: `max_steps`, else `epochs` whole epochs (ibridge/batching.py)."""
+        per_epoch = steps_per_epoch(n_items, self.batch_size, self.grad_accum, world_size)
         return self.max_steps if self.max_steps > 0 else self.epochs * per_epoch
-
-
-def micro_batches(n_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-    """Endless shuffled micro-batches of indices, a fresh permutation each epoch.
-
-    Every rank draws the same permutation and takes its share of each global batch
-    of ``batch_size * world_size`` (so `batch_size` is per process). A short last
-    batch still gives every rank at least one example: DDP needs every rank to step.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    epoch = 0
-    step = batch_size * world_size
-    while True:
-        order = torch.randperm(n_items, generator=generator).tolist()
-        for start in range(0, n_items, step):
-            chunk = order[start : start + step]
-            share = chunk[rank::world_size] or chunk[-1:]
-            yield epoch, share
-        epoch += 1
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or inf; the message names the step."""
 
 
 @dataclass
@@ -96,38 +77,6 @@ class StageSummary:
     final_metrics: dict[str, float]
     resumed_from: int = 0
     rank_checksums: list[float] | None = None  # per-rank sum of |parameters|: equal when in sync
-
-
-class TorchUpdate:
-    """Backward and optimiser step in plain PyTorch (one process, DDP or FSDP).
-
-    The loop calls `backward(loss)` once per micro-batch and `update(step_loss)` once
-    per optimiser step; `ibridge.zero.ZeroUpdate` is the same pair through DeepSpeed.
-    """
-
-    def __init__(self, model, optimizer, scheduler, settings: OptimSettings, desc: str):
-        self.model = model
-        self.optimizer, self.scheduler = optimizer, scheduler
-        self.settings, self.desc = settings, desc
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.settings.grad_accum).backward()
-
-    def update(self, step_loss: torch.Tensor, where: str) -> tuple[float, float]:
-        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm))
-        # One host sync per step: the loss and the gradient norm must be finite
-        # before the update touches the weights.
-        loss_value, norm_value = torch.stack([step_loss, grad_norm.detach().float()]).tolist()
-        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-            raise NonFiniteLoss(
-                f"{self.desc}: {what} is {loss_value if what == 'loss' else norm_value} {where}; "
-                "the weights were not updated and the last saved state is kept"
-            )
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, norm_value
 
 
 class StopRequested(RuntimeError):
@@ -165,8 +114,16 @@ def optimise(
     state_dir: Path | None = None,
     bookmark: Callable[[], dict] | None = None,
     rewind: Callable[[dict], None] | None = None,
+    count_units: Callable[[dict], int] = scored_tokens,
 ) -> StageSummary:
     """Run `settings.total_steps` optimiser steps of `compute` over shuffled `items`.
+
+    `compute(model, batch)` returns the batch's mean loss over its units, and
+    `count_units(batch)` (on the CPU batch) how many units that mean is over: scored
+    tokens (the default), sequences or pairs. Each micro-batch's loss is weighted by its
+    share of the units of the whole step, on every rank (ibridge/batching.py), so a step
+    has the gradient of its examples in one batch whatever `grad_accum`, the micro-batch
+    lengths and the number of processes; every epoch sees every example once.
 
     `evaluate(model)`, when given, runs every `settings.eval_every` steps and after
     the last one (in eval mode, without gradients); its metrics are logged at that step.
@@ -176,11 +133,15 @@ def optimise(
     scheduler and the data order are restored, and `rewind(bookmark)` drops metrics
     logged after the saved step, so a resumed stage ends exactly as an uninterrupted
     one. The data order needs no saved RNG: it is a pure function of the seed and the
-    number of micro-batches consumed.
+    number of steps taken.
+
+    Logged metrics are over all ranks: the loss is the step's global mean, token counts
+    are sums, the objectives' metrics are means over every rank's micro-batches.
     """
     if not items:
         raise ValueError(f"{desc}: no training examples")
     dist_info = runtime.dist
+    world = dist_info.world_size
     if dist_info.mode == "deepspeed" and state_dir is not None:
         if settings.save_every > 0:
             logger.warning("%s: trainer=deepspeed keeps no mid-stage state (DeepSpeed's checkpoints are pickles, "
@@ -197,20 +158,21 @@ def optimise(
         lr=settings.lr,
         foreach=True,
     )
-    total = settings.total_steps(len(items), dist_info.world_size)
+    total = settings.total_steps(len(items), world)
     scheduler = get_scheduler(
         settings.schedule if settings.schedule != "constant" else "constant_with_warmup",
         optimizer,
         num_warmup_steps=int(settings.warmup_ratio * total),
         num_training_steps=total,
     )
-    stream = micro_batches(len(items), settings.batch_size, settings.seed, dist_info.rank, dist_info.world_size)
+    stream = optimiser_steps(len(items), settings.batch_size, settings.grad_accum, settings.seed,
+                             dist_info.rank, world)
     done = 0
     payload: dict = {}
     if state_dir is not None and has_state(state_dir):
         payload = load_state(state_dir, model, optimizer, scheduler, sharded=gathered_states)
         done = int(payload["step"])
-        for _ in range(done * settings.grad_accum):
+        for _ in range(done):
             next(stream)
         if rewind is not None and "bookmark" in payload:
             rewind(payload["bookmark"])
@@ -223,9 +185,9 @@ def optimise(
         from ibridge.zero import ZeroUpdate
 
         updater = ZeroUpdate(model, optimizer, scheduler, settings, runtime, desc)
-        trained = updater.module
     else:
-        updater = TorchUpdate(model, optimizer, scheduler, settings, desc)
+        updater = TorchUpdate(model, trained, optimizer, scheduler, settings.max_grad_norm, desc)
+    trained = updater.trained
     if settings.pack_sequences and packing_supported(model, runtime):
         trained = PackedForward(trained)
 
@@ -236,7 +198,8 @@ def optimise(
             save_state(state_dir, model, optimizer, scheduler, step, extra, sharded=gathered_states,
                        write=dist_info.is_main)
 
-    window: dict[str, list] = defaultdict(list)
+    # Per key: [sum of values, count] over this rank's real micro-batches (or steps) since the last log.
+    window: dict[str, list] = defaultdict(lambda: [0.0, 0.0])
     final: dict[str, float] = {}
     tokens = int(payload.get("tokens", 0))
     window_tokens = 0
@@ -245,25 +208,36 @@ def optimise(
                     initial=done, total=total, disable=not dist_info.is_main)
     with stop_on_sigterm() as signal_flag:
         for step in progress:
-            step_loss = 0.0
-            for _ in range(settings.grad_accum):
-                epoch, indices = next(stream)
-                batch = to_device(collate([items[i] for i in indices]), runtime.device)
-                with runtime.autocast():
-                    out = compute(trained, batch)
-                updater.backward(out.loss)
-                step_loss = step_loss + out.loss.detach() / settings.grad_accum
+            epoch, plan = next(stream)
+            batches = [collate([items[i] for i in micro.indices]) for micro in plan]
+            units = [0 if micro.stand_in else count_units(batch) for micro, batch in zip(plan, batches, strict=True)]
+            local_tokens = sum(int(batch["attention_mask"].sum())
+                               for micro, batch in zip(plan, batches, strict=True) if not micro.stand_in)
+            # One collective per step (none in one process): the step's units and tokens over
+            # all ranks, and whether any rank got SIGTERM, so that all stop at the same step.
+            step_units, step_tokens, stops = all_reduce_sum(
+                [sum(units), local_tokens, float(signal_flag["stop"])], dist_info)
+            step_loss = torch.zeros((), device=runtime.device)
+            for k, (micro, batch, n) in enumerate(zip(plan, batches, units, strict=True)):
+                weight = micro_batch_weight(n, step_units, world)
+                with updater.accumulating(last=k == len(plan) - 1):
+                    with runtime.autocast():
+                        out = compute(trained, to_device(batch, runtime.device))
+                    updater.backward(out.loss * weight)
+                step_loss = step_loss + out.loss.detach().float() * (weight / world)
+                real = 0.0 if micro.stand_in else 1.0  # a stand-in adds its keys, not its values
                 for key, value in out.metrics.items():
-                    window[key].append(value)
-                n_tokens = int(batch["attention_mask"].sum())
-                tokens += n_tokens
-                window_tokens += n_tokens
+                    window[key][0] = window[key][0] + value.detach() * real  # no host sync here
+                    window[key][1] += real
+            tokens += int(step_tokens)
+            window_tokens += int(step_tokens)
             loss_value, norm_value = updater.update(step_loss, f"at step {step} (epoch {epoch + 1})")
-            window["train/loss"].append(loss_value)
-            window["train/grad_norm"].append(norm_value)
+            for key, value in (("train/loss", loss_value), ("train/grad_norm", norm_value)):
+                window[key][0] += value
+                window[key][1] += 1
             if step % settings.log_every == 0 or step == total:
                 now = time.perf_counter()
-                metrics = {key: float(sum(float(v) for v in values) / len(values)) for key, values in window.items()}
+                metrics = _window_means(window, dist_info)
                 metrics["train/lr"] = scheduler.get_last_lr()[0]
                 metrics["train/epoch"] = epoch + 1
                 metrics["train/tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
@@ -287,9 +261,9 @@ def optimise(
                 window_start = time.perf_counter()  # evaluation time is not training throughput
             if step < total and save_every > 0 and step % save_every == 0:
                 save(step)
-            # On SIGTERM, train on to the next logging step (where the metrics window is
-            # empty, so the saved state is exact), save, and stop.
-            if signal_flag["stop"] and step < total and step % settings.log_every == 0:
+            # On SIGTERM (to any rank), train on to the next logging step (where the metrics
+            # window is empty, so the saved state is exact), save, and stop.
+            if stops > 0 and step < total and step % settings.log_every == 0:
                 save(step)
                 raise StopRequested(f"{desc}: stopped by SIGTERM after step {step}; run the same command to resume")
     progress.close()
@@ -297,3 +271,20 @@ def optimise(
     checksums = parameter_checksums(model, dist_info)
     return StageSummary(steps=total, runtime_s=time.perf_counter() - start, tokens=tokens, final_metrics=final,
                         resumed_from=done, rank_checksums=checksums)
+
+
+def _window_means(window: dict[str, list[float]], dist_info) -> dict[str, float]:
+    """Each key's mean over the window, across ranks. The loss is already the step's global
+    mean divided among ranks (each rank holds its micro-batches' share), so its rank sums add
+    up; every other key is a mean over all ranks' micro-batches (or steps). One collective."""
+    keys = sorted(window)
+    flat = [float(x) for key in keys for x in window[key]]
+    totals = all_reduce_sum(flat, dist_info)
+    means = {}
+    for i, key in enumerate(keys):
+        value_sum, count = totals[2 * i], totals[2 * i + 1]
+        if key == "train/loss":
+            means[key] = value_sum / max(count / dist_info.world_size, 1.0)
+        else:
+            means[key] = value_sum / max(count, 1.0)
+    return means

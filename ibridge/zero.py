@@ -24,35 +24,29 @@ nothing imports it unless ``trainer=deepspeed`` is chosen.
 from __future__ import annotations
 
 import contextlib
-import logging
-import math
 
 import torch
 
-from ibridge.distributed import DistInfo
-from ibridge.training import NonFiniteLoss
-
-
-def require_deepspeed():
-    try:
-        import deepspeed
-    except ImportError as err:  # an optional extra: say how to get it
-        raise RuntimeError(
-            "trainer=deepspeed needs DeepSpeed: pip install --no-build-isolation -e '.[deepspeed]' "
-            "(after torch), or use trainer=fsdp for the same sharding inside PyTorch"
-        ) from err
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # one INFO line per step otherwise
-    return deepspeed
+from ibridge.distributed import require_deepspeed
+from ibridge.updates import check_finite
 
 
 def engine_config(batch_size: int, grad_accum: int, max_grad_norm: float, precision: str, zero_stage: int) -> dict:
-    """DeepSpeed's config, derived from the stage's settings so that nothing is set twice."""
+    """DeepSpeed's config, derived from the stage's settings so that nothing is set twice.
+
+    Gradients are reduced across ranks and accumulated across micro-batches in fp32 even
+    when the forward runs in bf16 (``communication_data_type``, ``data_types.grad_accum_dtype``):
+    bf16's 8-bit mantissa would round away small per-micro-batch contributions, which the
+    other backends (autocast over fp32 weights, FSDP's fp32 ``reduce_dtype``) keep.
+    """
     return {
         "train_micro_batch_size_per_gpu": batch_size,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": max_grad_norm,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
+        "communication_data_type": "fp32",
+        "data_types": {"grad_accum_dtype": "fp32"},
         "zero_optimization": {"stage": zero_stage},
         "zero_allow_untested_optimizer": True,  # ibridge's own torch AdamW
         "steps_per_print": 2**31 - 1,
@@ -61,44 +55,45 @@ def engine_config(batch_size: int, grad_accum: int, max_grad_norm: float, precis
 
 
 class ZeroUpdate:
-    """Backward and optimiser step through a DeepSpeed engine.
+    """Backward passes and the optimiser step through a DeepSpeed engine.
 
-    The loop calls `backward(loss)` once per micro-batch and `update(step_loss)` once
-    per optimiser step. DeepSpeed wants `engine.step()` after every micro-batch (it
-    applies the update only at the accumulation boundary), so `backward` steps the
-    engine on the micro-batches before the last, and `update` on the last.
+    The loop weights each micro-batch's loss for the whole step itself (ibridge/batching.py),
+    and an epoch's last step may have fewer micro-batches than ``grad_accum``, so the
+    engine's own accumulation counting is overridden: ``backward(..., scale_wrt_gas=False)``
+    and the accumulation boundary set explicitly on each micro-batch (`accumulating`).
     """
 
     def __init__(self, model, optimizer, scheduler, settings, runtime, desc: str):
         deepspeed = require_deepspeed()
         config = engine_config(settings.batch_size, settings.grad_accum, settings.max_grad_norm,
                                runtime.precision, runtime.dist.zero_stage)
+        if runtime.dist.zero_stage == 3:
+            # Partition the (CPU-loaded) weights parameter by parameter, as if the model had
+            # been built inside zero.Init: otherwise initialize() first moves the whole model
+            # to this rank's GPU, 32 GB of fp32 weights for an 8B model on every GPU.
+            deepspeed.zero.Init(module=model, config_dict_or_path=config)
         self.module, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=config)
+        self.trained = self.module
         self.desc = desc
+        self._last = True
+
+    def accumulating(self, last: bool):
+        self.module.set_gradient_accumulation_boundary(last)
+        self._last = last
+        return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.module.backward(loss)  # scaled by 1 / gradient_accumulation_steps inside
-        if not self.module.is_gradient_accumulation_boundary():
-            self.module.step()
+        self.module.backward(loss, scale_wrt_gas=False)
+        if not self._last:
+            self.module.step()  # not a boundary: DeepSpeed only accumulates
 
     def update(self, step_loss: torch.Tensor, where: str) -> tuple[float, float]:
         loss_value = float(step_loss)
-        if not math.isfinite(loss_value):
-            raise NonFiniteLoss(f"{self.desc}: loss is {loss_value} {where}; the weights were not updated")
+        check_finite(self.desc, loss_value, 0.0, where, "the weights were not updated")
         self.module.step()  # clip, AdamW step, schedule step, zero the gradients
         norm = self.module.get_global_grad_norm()
         norm_value = float(norm) if norm is not None else float("nan")
-        if not math.isfinite(norm_value):
-            raise NonFiniteLoss(f"{self.desc}: gradient norm is {norm_value} {where}; DeepSpeed applied the "
-                                f"update, so the stage stops here and restarts from its beginning")
+        check_finite(self.desc, loss_value, norm_value, where,
+                     "DeepSpeed applied the update, so the stage stops here and restarts from its beginning")
         return loss_value, norm_value
-
-
-def gathered(model: torch.nn.Module, info: DistInfo):
-    """Under ZeRO-3, every parameter gathered whole inside the block (a collective call);
-    a no-op otherwise."""
-    if info.mode != "deepspeed" or info.zero_stage != 3:
-        return contextlib.nullcontext()
-    deepspeed = require_deepspeed()
-    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)

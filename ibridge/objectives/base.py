@@ -85,6 +85,12 @@ class DemonstrationObjective(Objective):
     @abc.abstractmethod
     def __call__(self, policy_logps: Tensor, ref_logps: Tensor | None, mask: Tensor) -> ObjectiveOutput: ...
 
+    def loss_units(self, mask: Tensor) -> int:
+        """How many units the loss of a batch with this (B, T) mask is a mean over: its scored
+        tokens here (token-averaged objectives). The trainer weighs micro-batches by it so that
+        a step's loss is the mean over all of its units (ibridge/batching.py)."""
+        return int(mask.sum())
+
     def _check_inputs(self, policy_logps: Tensor, ref_logps: Tensor | None, mask: Tensor) -> None:
         if policy_logps.dim() != 2 or mask.shape != policy_logps.shape:
             raise ValueError(
@@ -114,6 +120,10 @@ class PreferenceObjective(Objective):
     def __call__(
         self, policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor
     ) -> ObjectiveOutput: ...
+
+    def loss_units(self, n_pairs: int) -> int:
+        """The loss is a mean over pairs (see ``DemonstrationObjective.loss_units``)."""
+        return int(n_pairs)
 
     def _check_inputs(self, *tensors: Tensor) -> None:
         shapes = [tuple(t.shape) for t in tensors]

@@ -216,6 +216,11 @@ class FDivergenceObjective(DemonstrationObjective):
             )
         self.max_weight = max_weight
 
+    def loss_units(self, mask: Tensor) -> int:
+        """Sequences with a scored token (``sequence``) or scored tokens (``token``): what the
+        loss is a mean over."""
+        return int(mask.any(dim=-1).sum()) if self.granularity == "sequence" else int(mask.sum())
+
     @property
     def generator(self) -> Generator:
         return GENERATORS[self.name]
