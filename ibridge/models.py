@@ -69,7 +69,17 @@ def save_checkpoint(model, tokenizer, final_dir: Path, state_dict: dict | None =
     """Write model (safetensors) and tokenizer; the folder appears only once complete.
 
     `state_dict`, when given, replaces the module's own weights (FSDP: the gathered
-    full weights of a sharded model)."""
+    full weights of a sharded model). The saved generation_config stops at EOS and at
+    the chat template's end-of-turn token, so a plain ``generate()`` on the checkpoint
+    stops where the trained model ends its turn (`ibridge.data.end_of_turn`)."""
+    from ibridge.data.end_of_turn import stop_token_ids
+    from ibridge.data.formatting import TemplateError
+
+    if getattr(tokenizer, "chat_template", None) and getattr(model, "generation_config", None) is not None:
+        try:
+            model.generation_config.eos_token_id = stop_token_ids(tokenizer)
+        except TemplateError as err:  # the weights are saved all the same; evaluation will refuse the template
+            log.warning("%s: generation_config keeps eos_token_id only: %s", final_dir, err)
     tmp = staging_dir(final_dir)
     model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)

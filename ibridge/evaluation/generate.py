@@ -5,8 +5,72 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from ibridge.data.end_of_turn import stop_token_ids
 from ibridge.data.formatting import prompt_ids
 from ibridge.runtime import Runtime
+
+# Every `generation_config` setting that changes which token is drawn (logits processors
+# and warpers), the decoding mode, or where generation stops, at the value that leaves
+# pi(.|s) untouched. A checkpoint's generation_config.json may set any of them (hub
+# checkpoints often set temperature and top_p); then sampled responses would not be
+# draws from pi and the sampled KL (DESIGN.md §3) would be biased. They go to generate() as keyword
+# arguments, which take precedence over the checkpoint's values; a GenerationConfig
+# object would not do, since transformers fills its None fields from the checkpoint's.
+PURE_DECODING = {
+    "temperature": 1.0,
+    "top_k": 0,
+    "top_p": 1.0,
+    "top_h": None,
+    "min_p": None,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "sequence_bias": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "exponential_decay_length_penalty": None,
+    "guidance_scale": None,
+    "remove_invalid_values": False,
+    "renormalize_logits": False,
+    "watermarking_config": None,
+    "num_beams": 1,
+    "num_return_sequences": 1,
+    "penalty_alpha": None,
+    "dola_layers": None,
+    "constraints": None,
+    "force_words_ids": None,
+    "prompt_lookup_num_tokens": None,
+    "token_healing": False,
+    "stop_strings": None,
+    "max_time": None,
+    "return_dict_in_generate": False,
+}
+# Warpers that transformers applies only when sampling: left out of greedy decoding, where
+# they are inert and setting them only draws warnings.
+SAMPLING_ONLY = ("temperature", "top_k", "top_p", "top_h", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+
+
+def decoding_settings(do_sample: bool, temperature: float) -> dict:
+    """Keyword arguments for ``model.generate``: greedy, or sampling from pi at `temperature`, nothing else."""
+    from transformers import GenerationConfig
+
+    known = GenerationConfig()
+    settings = {key: value for key, value in PURE_DECODING.items() if hasattr(known, key)}
+    settings["do_sample"] = do_sample
+    if do_sample:
+        settings["temperature"] = temperature
+    else:
+        settings = {key: value for key, value in settings.items() if key not in SAMPLING_ONLY}
+    return settings
 
 
 @torch.no_grad()
@@ -24,12 +88,16 @@ def generate(
     """One response per prompt: ``{"text", "prompt_ids", "response_ids"}``.
 
     Prompts are left-padded (generation appends on the right) and batched by
-    length, so batches carry little padding. ``response_ids`` stop at and include
-    the first EOS, so that log pi(y|x) covers the decision to stop.
+    length, so batches carry little padding. Generation stops at EOS or at the
+    chat template's end-of-turn token (`ibridge.data.end_of_turn`); ``response_ids``
+    stop at and include the first of them, so that log pi(y|x) covers the decision
+    to stop, and ``text`` is the reply without it. Whatever the checkpoint's
+    generation_config says, no logits processor is applied (`PURE_DECODING`).
     """
     model.eval()
     pad = tokenizer.pad_token_id
-    eos = tokenizer.eos_token_id
+    stops = stop_token_ids(tokenizer)
+    settings = decoding_settings(do_sample, temperature)
     encoded = [prompt_ids(tokenizer, prompt) for prompt in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     results: list[dict | None] = [None] * len(prompts)
@@ -47,23 +115,22 @@ def generate(
                 input_ids=input_ids.to(runtime.device),
                 attention_mask=attention.to(runtime.device),
                 max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                temperature=temperature if do_sample else None,
-                top_k=None,
-                top_p=None,
                 pad_token_id=pad,
-                eos_token_id=eos,
+                eos_token_id=stops,
                 use_cache=True,
+                **settings,
             )
         new_tokens = output[:, width:].cpu().tolist()
         for row, index in enumerate(chunk):
             tokens = new_tokens[row]
-            if eos in tokens:
-                tokens = tokens[: tokens.index(eos) + 1]
-            else:
-                tokens = [t for t in tokens if t != pad]
+            # A row that stopped is padded after its stop token; one that did not ran to
+            # max_new_tokens and holds only generated tokens (a generated pad id included).
+            end = next((t for t, token in enumerate(tokens) if token in stops), None)
+            if end is not None:
+                tokens = tokens[: end + 1]
+            reply = tokens if end is None else tokens[:-1]
             results[index] = {
-                "text": tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+                "text": tokenizer.decode(reply, skip_special_tokens=True).strip(),
                 "prompt_ids": encoded[index],
                 "response_ids": tokens,
             }
