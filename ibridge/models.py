@@ -43,10 +43,34 @@ def load_tokenizer(path: str | Path, runtime: Runtime | None = None, model_cfg=N
     return prepare_tokenizer(AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust), model_cfg)
 
 
-def load_model(path: str | Path, runtime: Runtime, trust_remote_code: bool | None = None, on_device: bool = True,
-               dtype: torch.dtype | None = None):
-    """A causal LM from a Hugging Face folder or hub name, fp32 weights on `runtime.device`
-    (on the CPU with ``on_device=False``: FSDP moves each rank's shard itself)."""
+def inference_dtype(runtime: Runtime) -> torch.dtype:
+    """The dtype inference models (reference pass, evaluation, judge) load their weights in.
+
+    bf16 under ``precision=bf16``: loading fp32 weights and relying on autocast would keep an
+    fp32 master copy nobody updates plus autocast's bf16 copy of every weight. fp32 under
+    ``precision=fp32`` (CPUs). Under ``precision=fp16`` the weights stay fp32 and autocast runs
+    the matmuls in fp16: fp16's range (max 65504) is too narrow for the residual stream of
+    bf16-trained models, which autocast keeps in fp32.
+    """
+    return torch.bfloat16 if runtime.precision == "bf16" else torch.float32
+
+
+def load_model(
+    path: str | Path,
+    runtime: Runtime,
+    trust_remote_code: bool | None = None,
+    on_device: bool = True,
+    for_inference: bool = False,
+    dtype: torch.dtype | None = None,
+):
+    """A causal LM from a Hugging Face folder or hub name on `runtime.device` (on the CPU with
+    ``on_device=False``: FSDP moves each rank's shard itself).
+
+    Weights are fp32 for training (the optimiser's master copy). With ``for_inference=True``
+    they load directly in :func:`inference_dtype` (no fp32 copy is ever materialised), and the
+    model comes in eval mode without gradients. `dtype`, when given, overrides both (a LoRA
+    stage's frozen base in bf16, a reference pass in the numerics training runs with).
+    """
     from transformers import AutoModelForCausalLM
 
     if trust_remote_code is None:
@@ -57,11 +81,13 @@ def load_model(path: str | Path, runtime: Runtime, trust_remote_code: bool | Non
         raise FileNotFoundError(f"{local}: no model in safetensors format (expected model*.safetensors)")
     model = AutoModelForCausalLM.from_pretrained(
         str(local) if local.exists() else path,
-        dtype=dtype or torch.float32,
+        dtype=dtype or (inference_dtype(runtime) if for_inference else torch.float32),
         use_safetensors=True,
         trust_remote_code=trust_remote_code,
         attn_implementation=runtime.attn_implementation,
     )
+    if for_inference:
+        model.eval().requires_grad_(False)
     return model.to(runtime.device) if on_device else model
 
 

@@ -1,15 +1,21 @@
-"""Reference log-probs: one pass per stage, cached by reference model and data.
+"""Reference log-probs: one pass per stage, cached by reference model, data and numerics.
 
 DESIGN.md §1 ("Cost"): every objective needs log pi_ref only at the
 demonstration's own tokens, and these are fixed during a stage. They are
 computed once, stored under ``<cache_dir>/reflogps/<key>.safetensors`` with the
-key a hash of the reference weights and of the exact token ids and labels, and
-reused by any later run with the same reference and data. A training step then
-costs what an SFT step costs.
+key from :func:`reference_cache_key` (the reference's content, the exact token
+ids and labels, and the numerics of the pass), and reused by any later run with
+the same reference, data and numerics. A training step then costs what an SFT
+step costs.
+
+The pass itself scores only: weights in the run's compute dtype
+(``load_model(..., for_inference=True)``), no KV cache, float32 log-probs chunk by
+chunk (``ibridge.objectives.logprobs``), and batches bounded by padded tokens, not rows.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -22,75 +28,127 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ibridge.data.collate import pad_sequences
+from ibridge.fingerprint import model_fingerprint, numerics_fingerprint
+from ibridge.models import inference_dtype, load_model
 from ibridge.objectives.logprobs import token_logps
 from ibridge.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-# Files up to this size are hashed whole; larger ones (multi-GB real models) by
-# name, size and modification time, which changes whenever they are rewritten.
-FULL_HASH_LIMIT = 512 * 2**20
+# Bump when the reference pass computes differently in code (2: weights loaded in the compute
+# dtype instead of fp32 weights under autocast), so older entries are not served.
+REFERENCE_PASS_VERSION = 2
+
+# Padded tokens (rows x longest sequence) per forward of a scoring pass. Bounds the (B, T, V)
+# logits too: 8192 x 128k vocabulary in bf16 is 2 GiB.
+DEFAULT_MAX_BATCH_TOKENS = 8192
 
 
-def _local_folder(path) -> Path:
-    """A hub name resolves to its cached snapshot (whose folder names the revision)."""
-    local = Path(str(path)).expanduser()
-    if local.exists():
-        return local
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(str(path), local_files_only=True))
-    except Exception:  # not cached: the name alone keys the cache
-        return local
-
-
-def model_fingerprint(path: Path) -> str:
-    digest = hashlib.sha256()
-    path = _local_folder(path)
-    digest.update(str(path).encode() if not path.exists() else b"")
-    for file in sorted(path.glob("*.safetensors")) + sorted(path.glob("config.json")):
-        stat = file.stat()
-        digest.update(file.name.encode())
-        if stat.st_size <= FULL_HASH_LIMIT:
-            digest.update(hashlib.sha256(file.read_bytes()).digest())
-        else:
-            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()
+def _ids(values) -> list[int]:
+    return values.tolist() if hasattr(values, "tolist") else list(values)
 
 
 def sequences_fingerprint(sequences: list[dict]) -> str:
     digest = hashlib.sha256()
     for seq in sequences:
-        digest.update(json.dumps([seq["input_ids"], seq["labels"]]).encode())
+        digest.update(json.dumps([_ids(seq["input_ids"]), _ids(seq["labels"])]).encode())
     return digest.hexdigest()
+
+
+def reference_cache_key(model_print: str, sequences: list[dict], runtime: Runtime) -> str:
+    """The cache key of a reference pass: a cached entry is served only when all of these match.
+
+    - ``model``: :func:`ibridge.fingerprint.model_fingerprint` of the reference (file contents,
+      hub revision);
+    - ``sequences``: the exact token ids and labels, in order;
+    - ``numerics``: :func:`ibridge.fingerprint.numerics_fingerprint` (precision and weight dtype,
+      attention implementation, device, torch/CUDA/transformers versions);
+    - ``pass``: :data:`REFERENCE_PASS_VERSION`.
+
+    The token budget of the batches is not part of it: padding is masked, so it changes results
+    only by float rounding (tests/test_refcache.py checks several budgets against unbatched scoring).
+    """
+    parts = {
+        "pass": REFERENCE_PASS_VERSION,
+        "model": model_print,
+        "sequences": sequences_fingerprint(sequences),
+        "numerics": numerics_fingerprint(runtime),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def token_budget_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices grouped so that each batch's padded size (rows x longest) is at most `max_tokens`.
+
+    Longest first (an out-of-memory shows at once, not at the end of a long pass), similar
+    lengths together so little is padding; a sequence longer than the budget goes alone.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens={max_tokens}: expected a positive number of tokens per batch")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for index in order:
+        # Sorted longest first, so a batch's first sequence sets its padded length.
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_tokens:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches
 
 
 @torch.no_grad()
 def sequence_token_logps(
-    model, sequences: list[dict], runtime: Runtime, pad_id: int, batch_size: int = 64, desc: str | None = None
+    model,
+    sequences: list[dict],
+    runtime: Runtime,
+    pad_id: int,
+    max_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+    desc: str | None = None,
 ) -> list[torch.Tensor]:
-    """Per-sequence log-probs at each shifted position, (len(input_ids) - 1,), 0.0 where unscored.
+    """Per-sequence log-probs at each shifted position, (len(input_ids) - 1,) float32, 0.0 where unscored.
 
-    Sequences are sorted by length so that batches carry little padding.
+    Scoring only: no KV cache (``use_cache=False``), batches of at most `max_tokens` padded
+    tokens (:func:`token_budget_batches`), log-probs in float32 chunks (``token_logps``).
     """
     was_training = model.training
     model.eval()
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]["input_ids"]))
+    lengths = [len(seq["input_ids"]) for seq in sequences]
     out: list[torch.Tensor | None] = [None] * len(sequences)
-    starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc=desc, unit="batch", disable=desc is None, dynamic_ncols=True):
-        chunk = order[start : start + batch_size]
+    batches = token_budget_batches(lengths, max_tokens)
+    for chunk in tqdm(batches, desc=desc, unit="batch", disable=desc is None, dynamic_ncols=True):
         batch = pad_sequences([sequences[i] for i in chunk], pad_id)
         batch = {key: value.to(runtime.device) for key, value in batch.items()}
         with runtime.autocast():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logps, _ = token_logps(logits, batch["labels"])  # (B, T-1)
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            ).logits  # (B, T, V)
+        logps, _ = token_logps(logits, batch["labels"])  # (B, T-1) float32
+        del logits
         logps = logps.float().cpu()
         for row, index in enumerate(chunk):
-            out[index] = logps[row, : len(sequences[index]["input_ids"]) - 1].clone()
+            out[index] = logps[row, : lengths[index] - 1].clone()
     model.train(was_training)
     return out  # type: ignore[return-value]
+
+
+def _read(file: Path, n_sequences: int) -> list[torch.Tensor] | None:
+    if not file.is_file():
+        return None
+    stored = load_file(str(file))
+    flat, lengths = stored["flat"], stored["lengths"].tolist()
+    if len(lengths) == n_sequences:
+        log.info("reference log-probs: cache hit %s", file.name)
+        return list(torch.split(flat, lengths))
+    log.warning("reference log-probs: ignoring malformed cache file %s", file)
+    return None
+
+
+def _write(file: Path, values: list[torch.Tensor]) -> None:
+    file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=file.parent, suffix=".tmp")
+    os.close(fd)
+    save_file({"flat": torch.cat(values).contiguous(), "lengths": torch.tensor([len(v) for v in values])}, tmp)
+    os.replace(tmp, file)
 
 
 def cached_reference_logps(
@@ -99,32 +157,45 @@ def cached_reference_logps(
     runtime: Runtime,
     pad_id: int,
     cache_dir: Path,
-    load_reference,
-    batch_size: int = 64,
+    load_reference=None,
+    max_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
 ) -> list[torch.Tensor]:
     """Reference per-token log-probs of `sequences`, from the cache or one reference pass.
 
-    `load_reference()` is called only on a cache miss, so a warm cache never loads
-    the reference model at all.
+    `load_reference()` (default: ``load_model(reference_path, runtime, for_inference=True)``)
+    is called only on a cache miss, so a warm cache never loads the reference model at all.
+    The pass runs in :func:`ibridge.models.inference_dtype`, the dtype the key names: a loader
+    that gives other weights is replaced by that default. The model is freed before returning.
     """
-    key = hashlib.sha256(
-        (model_fingerprint(reference_path) + sequences_fingerprint(sequences)).encode()
-    ).hexdigest()[:24]
-    file = Path(cache_dir) / "reflogps" / f"{key}.safetensors"
-    if file.is_file():
-        stored = load_file(str(file))
-        flat, lengths = stored["flat"], stored["lengths"].tolist()
-        if len(lengths) == len(sequences):
-            log.info("reference log-probs: cache hit %s", file.name)
-            return list(torch.split(flat, lengths))
-        log.warning("reference log-probs: ignoring malformed cache file %s", file)
-    reference = load_reference()
-    values = sequence_token_logps(reference, sequences, runtime, pad_id, batch_size, desc="reference pass")
-    file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=file.parent, suffix=".tmp")
-    os.close(fd)
-    save_file(
-        {"flat": torch.cat(values).contiguous(), "lengths": torch.tensor([len(v) for v in values])}, tmp
-    )
-    os.replace(tmp, file)
+    cache_dir = Path(cache_dir).expanduser()
+    folder = cache_dir / "reflogps"
+    model_print = model_fingerprint(reference_path, cache_dir)
+    if model_print is None:  # an uncached hub name: its revision is known only once loaded
+        log.info("reference log-probs: %s is not available locally; no cache lookup", reference_path)
+    else:
+        cached = _read(folder / f"{reference_cache_key(model_print, sequences, runtime)}.safetensors", len(sequences))
+        if cached is not None:
+            return cached
+    reference = load_reference() if load_reference is not None else None
+    if reference is None or next(reference.parameters()).dtype != inference_dtype(runtime):
+        if reference is not None:
+            # The key names the compute dtype; casting afterwards is not the same model (it
+            # would also cast the fp32 rotary buffers), so load it as the key says.
+            log.warning("reference log-probs: load_reference() gave %s weights, the pass runs in %s: "
+                        "reloading with load_model(..., for_inference=True)", next(reference.parameters()).dtype,
+                        inference_dtype(runtime))
+            del reference
+            gc.collect()
+        reference = load_model(reference_path, runtime, for_inference=True)
+    values = sequence_token_logps(reference, sequences, runtime, pad_id, max_tokens, desc="reference pass")
+    # Free the reference before the caller loads the policy.
+    del reference
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    model_print = model_print or model_fingerprint(reference_path, cache_dir)
+    if model_print is None:
+        log.warning("reference log-probs: %s still not resolvable to local files; not cached", reference_path)
+    else:
+        _write(folder / f"{reference_cache_key(model_print, sequences, runtime)}.safetensors", values)
     return values
