@@ -127,4 +127,6 @@ def test_sampled_kl_depends_on_the_seed_not_on_earlier_random_draws(smoke_run, t
         metrics = evaluate_checkpoint(cfg, source_for(cfg.data), policy, reference, runtime, tmp_path / str(draws),
                                       "dpo")
         estimates.append(metrics["kl_to_ref"])
+        # the responses are sampled up to eval.max_new_tokens: the KL is over responses cut there
+        assert metrics["kl_to_ref_truncated_at"] == cfg.eval.max_new_tokens
     assert estimates[0] == estimates[1]

@@ -12,7 +12,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ibridge.analysis.qlogit import check_identities, first_error_auroc, first_error_targets, q_values
+from ibridge.analysis.qlogit import (
+    OFFSET_INVARIANT,
+    check_identities,
+    first_error_auroc,
+    first_error_targets,
+    position_matched_auroc,
+    position_only_auroc,
+    q_values,
+)
 from ibridge.data.collate import pad_sequences
 from ibridge.data.formatting import encode_split
 from ibridge.objectives.logprobs import token_logps
@@ -173,10 +181,41 @@ def test_first_error_auroc_convention():
     assert first_error_auroc([[0.1, 0.2]], [0]) == (None, 1, 0)
 
 
+def test_position_matched_auroc_is_not_inflated_by_position():
+    """A reward that only falls along the response (no knowledge of errors) gets a pooled
+    first-error AUROC far above chance, exactly that of position alone; compared at equal
+    positions it is chance."""
+    first_errors = [0, 1, 2, 3, 3, None, 2]
+    lengths = [4, 4, 5, 6, 4, 3, 3]
+    drifting = [[-float(j) for j in range(n)] for n in lengths]
+    # pooled by hand: positives at 0, 1, 2, 2, 3, 3; negatives (tokens before each error) 5 at 0,
+    # 4 at 1, 2 at 2; pairs a positive wins, ties half: 0.5*5 + (5 + 0.5*4) + 2*(9 + 0.5*2) + 2*11
+    pooled = (2.5 + 7.0 + 20.0 + 22.0) / (6 * 11)
+    assert first_error_auroc(drifting, first_errors)[0] == pytest.approx(pooled)
+    assert position_only_auroc(lengths, first_errors) == pytest.approx(pooled) and pooled > 0.75
+    matched, n_pairs = position_matched_auroc(drifting, first_errors)
+    assert matched == 0.5
+    # same-position pairs by hand: position j pairs responses erring at j with those erring later
+    # (errors at 0, 1, 2, 3, 3, 2): j=0: 1 x 5, j=1: 1 x 4, j=2: 2 x 2, j=3: none later
+    assert n_pairs == 5 + 4 + 4
+    # a reward that drops exactly at the first error is perfect either way
+    dropping = [[0.0] * n for n in lengths]
+    for rewards, first_error in zip(dropping, first_errors, strict=True):
+        if first_error is not None:
+            rewards[first_error] = -1.0
+    assert position_matched_auroc(dropping, first_errors) == (1.0, 13)
+    # one stratum by hand: position 2 holds positives {r=-1 (resp 2), r=-1 (resp 6)} and negatives
+    # {resp 3, resp 4}; rewards there -0.5 / 0.3 (pos), 0.3 / 0.1 (neg): pairs won 1 + 1 + 0.5 + 0 = 2.5 of 4
+    rewards = [[9.0], [9.0, 9.0], [9.0, 9.0, -0.5], [9.0, 9.0, 0.3, 9.0], [9.0, 9.0, 0.1, 9.0], [], [9.0, 9.0, 0.3]]
+    only_two = [None, None, 2, 3, 3, None, 2]
+    assert position_matched_auroc(rewards, only_two) == (2.5 / 4, 4)
+    assert position_matched_auroc([[0.1, 0.2]], [None]) == (None, 0)
+
+
 # --------------------------------------------------------------------------- the job
 
 
-def run_job(run_dir: Path, policy_dir: Path, reference_dir: Path):
+def run_job(run_dir: Path, policy_dir: Path, reference_dir: Path | None):
     from ibridge.data import source_for
     from ibridge.jobs import qlogit
     from ibridge.jobs.context import RunContext
@@ -185,7 +224,7 @@ def run_job(run_dir: Path, policy_dir: Path, reference_dir: Path):
 
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = OmegaConf.create({
-        "seed": 0, "checkpoint": str(policy_dir), "reference": str(reference_dir),
+        "seed": 0, "checkpoint": str(policy_dir), "reference": None if reference_dir is None else str(reference_dir),
         "model": {"kind": "toy", "max_length": 48}, "data": {"kind": "toy", "world": WORLD},
         "qlogit": {"beta": BETA, "num_pairs": -1, "num_figure_pairs": 4},
     })
@@ -228,6 +267,10 @@ def test_job_results(job_run):
     for key in ("auroc_token_reward", "auroc_r_t", "implicit_reward_acc"):
         assert 0.0 <= results[key] <= 1.0, key
     assert -1.0 <= results["spearman_reward_gold"] <= 1.0
+    for key in ("auroc_position_only", "auroc_token_reward_position_matched", "auroc_r_t_position_matched"):
+        assert 0.0 <= results[key] <= 1.0, key
+    assert results["num_position_matched_pairs"] > 0
+    assert results["reference_from"] == "reference=" and results["reference"] == job_run.cfg.reference
     json.dumps(results, allow_nan=False)  # strict JSON: undefined values are None, not NaN
 
     logged = [json.loads(line) for line in (job_run.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -269,3 +312,65 @@ def test_job_with_policy_equal_to_reference(tmp_path, saved_models):
     assert results["spearman_reward_gold"] is None
     assert all((tmp_path / "run" / "qlogit" / f"{name}.png").stat().st_size > 0
                for name in ("token_heatmap", "reward_distribution", "q_v_positions"))
+
+
+def test_default_reference_is_the_one_the_stage_was_trained_against(tmp_path, saved_models, job_run):
+    """reference=null for a stage's checkpoint: the reference in its stage.json (for a DPO stage
+    the SFT model), not the base model; the results are those of passing it explicitly."""
+    import shutil
+
+    stage = tmp_path / "out" / "dpo"
+    shutil.copytree(saved_models["policy"], stage / "checkpoint")
+    (stage / "stage.json").write_text(json.dumps({
+        "objective": "dpo", "init": str(saved_models["reference"]), "reference": str(saved_models["reference"]),
+        "checkpoint": str(stage / "checkpoint")}))
+    results = run_job(tmp_path / "run", stage / "checkpoint", None).results["qlogit"]
+    assert results["reference"] == str(saved_models["reference"])
+    assert results["reference_from"].startswith("stage record")
+    explicit = job_run.results["qlogit"]
+    for key in ("implicit_reward_acc", "auroc_token_reward", "mean_reward_chosen", "spearman_reward_gold"):
+        assert results[key] == explicit[key], key
+
+    (stage / "stage.json").write_text(json.dumps({"reference": str(tmp_path / "moved")}))
+    with pytest.raises(FileNotFoundError, match="stage.json: its reference .*moved does not exist"):
+        run_job(tmp_path / "run2", stage / "checkpoint", None)
+
+
+class _Offset(torch.nn.Module):
+    """A causal LM whose logits at each state get a state-dependent constant added: the same
+    policy (probabilities), different logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def forward(self, input_ids, **kwargs):
+        from types import SimpleNamespace
+
+        logits = self.model(input_ids=input_ids, **kwargs).logits  # (B, T, V)
+        state = torch.cumsum(input_ids.double() * 0.37, dim=1)  # (B, T): depends on the prefix only
+        return SimpleNamespace(logits=logits + (30.0 * torch.sin(state)).unsqueeze(-1).to(logits.dtype))
+
+
+def test_metrics_declared_offset_invariant_are(toy, models):
+    """Adding c(s) to every logit of each state changes exactly the metrics left out of
+    OFFSET_INVARIANT (auroc_r_t here), not those in it."""
+    from types import SimpleNamespace
+
+    from ibridge.jobs import qlogit
+
+    source, tokenizer = toy
+    policy, reference = models
+    pairs = qlogit._encode_pairs(SimpleNamespace(source=source), tokenizer, 32, 48)
+    sequences = [pair[kind] for kind in qlogit.KINDS for pair in pairs]
+
+    def metrics(model):
+        values, err_token, err_sequence = qlogit.analyse(
+            model, reference, [s["encoded"] for s in sequences], BETA, torch.device("cpu"), tokenizer.pad_token_id)
+        records = [qlogit._record(seq, vals, tokenizer) for seq, vals in zip(sequences, values, strict=True)]
+        return qlogit.summarise(records, len(pairs), err_token, err_sequence, BETA)
+
+    plain, shifted = metrics(policy), metrics(_Offset(policy))
+    for key in OFFSET_INVARIANT:
+        assert shifted[key] == pytest.approx(plain[key], abs=1e-6), key
+    assert plain["auroc_r_t"] is not None and abs(shifted["auroc_r_t"] - plain["auroc_r_t"]) > 0.01

@@ -27,6 +27,14 @@ Precision: everything is computed in ``dtype`` (float64 by default) from the giv
 for float32 logits the identities hold to ~1e-12; the caller bounds the memory this costs
 (``B * T * V`` elements of ``dtype``) through its batch size.
 
+Invariance. A causal LM's logits at a state are defined only up to an additive constant:
+adding ``c(s)`` to every logit of state ``s`` (of either model) changes no probability. Under
+such a per-state offset ``Q(s, .)`` and ``V(s)`` both move by ``beta * c(s)`` and ``r_t`` by
+``beta * (c(s_t) - c(s_{t+1}))``, so ``q``, ``v``, ``r_t``, ``v_start``, their sums and anything
+ranked by them (the first-error AUROC of ``r_t``) describe the logits, not the policies. What
+depends on the probabilities only — ``token_reward``, ``r(x, y)``, and what is computed from
+them (:data:`OFFSET_INVARIANT`) — is invariant, and so are the identities themselves.
+
 Masks with several response segments (multi-turn chats) are handled: each segment's last
 token is followed by ``V = 0`` (the end of that assistant turn), and identity 2 then reads
 ``sum_t r_t = r(x, y) + sum over segment starts of V(s_start)``; for the usual single response
@@ -45,14 +53,31 @@ from ibridge.evaluation.stats import auroc
 from ibridge.objectives.logprobs import token_logps
 
 __all__ = [
+    "OFFSET_INVARIANT",
     "check_identities",
     "first_error_auroc",
     "first_error_targets",
+    "position_matched_auroc",
+    "position_only_auroc",
     "q_values",
     "sequence_values",
 ]
 
 IGNORE_INDEX = -100
+
+# The `qlogit` job's metrics that a per-state logit offset leaves unchanged (module docstring);
+# `auroc_r_t*`, and the per-token `q`, `v`, `r_t` of tokens.jsonl, are not among them.
+OFFSET_INVARIANT = (
+    "identity_max_abs_error_token",
+    "identity_max_abs_error_sequence",
+    "auroc_token_reward",
+    "auroc_token_reward_position_matched",
+    "auroc_position_only",
+    "implicit_reward_acc",
+    "spearman_reward_gold",
+    "mean_reward_chosen",
+    "mean_reward_rejected",
+)
 
 
 def q_values(
@@ -199,3 +224,46 @@ def first_error_auroc(
     if n_pos == 0 or n_neg == 0:
         return None, n_pos, n_neg
     return auroc(score, target), n_pos, n_neg
+
+
+def position_only_auroc(n_tokens: Sequence[int], first_errors: Sequence[int | None]) -> float | None:
+    """The first-error AUROC of a score that knows only the token's position (its index).
+
+    Over the tokens :func:`first_error_auroc` considers, the positive is always the *last* one
+    of its response, so a score that merely grows along the response already beats 0.5: this
+    is the baseline a per-token reward has to beat before it says anything about errors.
+    """
+    positions = [[-float(j) for j in range(n)] for n in n_tokens]  # reward -j: score = j
+    return first_error_auroc(positions, first_errors)[0]
+
+
+def position_matched_auroc(
+    token_rewards: Sequence[Sequence[float]], first_errors: Sequence[int | None]
+) -> tuple[float | None, int]:
+    """First-error AUROC that compares tokens at the same position only (stratified by position).
+
+    For each position ``j``: positives are the responses whose first wrong token is ``j``,
+    negatives those whose first wrong token comes later (token ``j`` is still right); the score
+    is the negative reward at ``j``, as in :func:`first_error_auroc`. The per-position AUROCs are
+    pooled with weights ``n_pos_j * n_neg_j``, i.e. this is the share of same-position
+    (positive, negative) pairs ranked correctly (ties half). A reward that only drifts with
+    position scores 0.5 here, however high its pooled AUROC.
+
+    Returns ``(auroc, n_pairs)``; auroc is None when no position has both classes.
+    """
+    by_position: dict[int, tuple[list[float], list[float]]] = {}
+    for rewards, first_error in zip(token_rewards, first_errors, strict=True):
+        if first_error_targets(len(rewards), first_error) is None:
+            continue
+        for j in range(first_error + 1):
+            scores, labels = by_position.setdefault(j, ([], []))
+            scores.append(-float(rewards[j]))
+            labels.append(float(j == first_error))
+    total, weight = 0.0, 0
+    for scores, labels in by_position.values():
+        n_pos = int(sum(labels))
+        pairs = n_pos * (len(labels) - n_pos)
+        if pairs:
+            total += pairs * auroc(np.asarray(scores), np.asarray(labels))
+            weight += pairs
+    return (total / weight if weight else None), weight

@@ -3,13 +3,22 @@
 - `kl/token`: mean over demonstration prefixes s of KL(pi(.|s) || pi_ref(.|s)),
   exact over the vocabulary.
 - `eval/kl_to_ref`: sampled sequence-level KL(pi || pi_ref), the mean of
-  log pi(y|x) - log pi_ref(y|x) over y ~ pi, with its standard error.
+  log pi(y|x) - log pi_ref(y|x) over y ~ pi, with its standard error. The samples
+  stop at `eval.max_new_tokens`, so this is the KL between the two models'
+  distributions over responses *truncated* at that many tokens (results.json says
+  so in `kl_to_ref_truncated_at`), not over complete responses.
 - `eval/implicit_reward_acc`: how often r(x, y) = beta * log pi(y|x)/pi_ref(y|x)
   ranks the chosen response above the rejected one (ties count half; beta > 0
   does not change a ranking, so it is not needed).
+
+All three run in float32 whatever `trainer.precision` says (as `ibridge qlogit`
+does): they are differences of log-probs of two close models, and bf16 logits
+(resolution 1/16 at 10) would bury those differences in rounding.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import torch
@@ -20,25 +29,73 @@ from ibridge.evaluation.stats import mean_and_stderr, preferences_from_scores
 from ibridge.refcache import sequence_token_logps
 from ibridge.runtime import Runtime
 
+# `token_kl`'s default budget of (padded) tokens per forward pass: the two models' float32
+# logits of one batch are 2 * TOKEN_BUDGET * V * 4 bytes (4.2 GB at V = 128256).
+TOKEN_BUDGET = 4096
+# Rows of the (N, V) logits turned into log-probs at once: 2**24 float32 elements (64 MiB) per block.
+CHUNK_ELEMENTS = 2**24
+
+
+def fp32(runtime: Runtime) -> Runtime:
+    """`runtime` without autocast: evaluation log-probs are float32 on every device."""
+    return dataclasses.replace(runtime, precision="fp32")
+
+
+def _token_batches(sequences: list[dict], max_tokens: int) -> list[list[int]]:
+    """Indices of `sequences` grouped so that each padded batch holds at most `max_tokens`
+    tokens (sorted by length, so batches carry little padding; a longer sequence goes alone)."""
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]["input_ids"]))
+    batches: list[list[int]] = []
+    for index in order:
+        length = len(sequences[index]["input_ids"])  # the longest so far: sorted ascending
+        if batches and (len(batches[-1]) + 1) * length <= max_tokens:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches
+
 
 @torch.no_grad()
-def token_kl(policy, reference, sequences: list[dict], runtime: Runtime, pad_id: int, batch_size: int = 64) -> float:
-    """Mean exact KL(pi(.|s_t) || pi_ref(.|s_t)) over the scored positions of `sequences`."""
-    total, count = 0.0, 0
+def token_kl(policy, reference, sequences: list[dict], runtime: Runtime, pad_id: int,
+             max_tokens: int | None = None) -> float:
+    """Mean exact KL(pi(.|s_t) || pi_ref(.|s_t)) over the scored positions of `sequences`.
+
+    Float32 without autocast, no KV cache. Memory: batches of at most `max_tokens` padded
+    tokens (default `TOKEN_BUDGET`; a single longer sequence forms its own batch), so at its
+    peak this holds the two models' float32 logits of one batch (2 * max_tokens * V floats)
+    plus a few (rows, V) float32 blocks of `CHUNK_ELEMENTS` each, where the log-softmaxes
+    and the KL are computed chunk by chunk over the scored positions only (as
+    `objectives/logprobs.py` does) — never a full (B, T, V) log-softmax.
+    """
+    max_tokens = int(max_tokens or TOKEN_BUDGET)
+    total = torch.zeros((), dtype=torch.float64)
+    count = 0
     policy.eval()
     reference.eval()
-    for start in range(0, len(sequences), batch_size):
-        batch = pad_sequences(sequences[start : start + batch_size], pad_id)
+    for chunk in _token_batches(sequences, max_tokens):
+        batch = pad_sequences([sequences[i] for i in chunk], pad_id)
         batch = {key: value.to(runtime.device) for key, value in batch.items()}
-        with runtime.autocast():
-            logits_pi = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            logits_ref = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        mask = batch["labels"][:, 1:] != -100  # (B, T-1): positions that predict a response token
-        logp = F.log_softmax(logits_pi[:, :-1].float(), dim=-1)[mask]  # (N, V)
-        logq = F.log_softmax(logits_ref[:, :-1].float(), dim=-1)[mask]  # (N, V)
-        total += float((logp.exp() * (logp - logq)).sum())
-        count += int(mask.sum())
-    return total / max(count, 1)
+        kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+        logits_pi = policy(**kwargs).logits  # (B, T, V)
+        logits_ref = reference(**kwargs).logits  # (B, T, V)
+        vocab = logits_pi.shape[-1]
+        # Position t predicts token t + 1: the rows whose next token is scored, as flat (B*T) indices.
+        scored = torch.zeros_like(batch["labels"], dtype=torch.bool)  # (B, T)
+        scored[:, :-1] = batch["labels"][:, 1:] != -100
+        rows = scored.reshape(-1).nonzero().squeeze(-1)  # (N,)
+        flat_pi = logits_pi.reshape(-1, vocab)  # (B*T, V): a view, no copy
+        flat_ref = logits_ref.reshape(-1, vocab)
+        step = max(1, CHUNK_ELEMENTS // vocab)
+        for start in range(0, rows.numel(), step):
+            index = rows[start : start + step]
+            logp = F.log_softmax(flat_pi[index].float(), dim=-1)  # (n, V)
+            logq = F.log_softmax(flat_ref[index].float(), dim=-1)  # (n, V)
+            # sum_v p_v (log p_v - log q_v), summed over the n rows
+            total += F.kl_div(logq, logp, reduction="sum", log_target=True).double().cpu()
+            del logp, logq
+        count += int(rows.numel())
+        del logits_pi, logits_ref, flat_pi, flat_ref
+    return float(total) / max(count, 1)
 
 
 def response_sequences(generations: list[dict]) -> list[dict]:
@@ -53,11 +110,16 @@ def response_sequences(generations: list[dict]) -> list[dict]:
 
 
 def sequence_logps(model, sequences, runtime, pad_id) -> np.ndarray:
-    return np.array([float(v.sum()) for v in sequence_token_logps(model, sequences, runtime, pad_id)])
+    """log pi(y|x) of each sequence, float32 forward passes (no autocast) whatever `runtime` says."""
+    return np.array([float(v.sum()) for v in sequence_token_logps(model, sequences, fp32(runtime), pad_id)])
 
 
 def sampled_kl(policy, reference, samples: list[dict], runtime: Runtime, pad_id: int) -> tuple[float, float]:
-    """Monte-Carlo KL(pi || pi_ref) over responses sampled from pi, with its standard error."""
+    """Monte-Carlo KL(pi || pi_ref) over responses sampled from pi, with its standard error.
+
+    The responses are whatever `samples` holds, so with generation capped at
+    `max_new_tokens` this is the KL over responses truncated there.
+    """
     sequences = response_sequences(samples)
     ratio = sequence_logps(policy, sequences, runtime, pad_id) - sequence_logps(reference, sequences, runtime, pad_id)
     return mean_and_stderr(ratio)

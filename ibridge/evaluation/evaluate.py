@@ -3,7 +3,12 @@
 Metrics (`eval/…`, DESIGN.md §3): `gold_reward`, `win_rate` (ties count half)
 with a bootstrap 95% interval `win_rate_ci`, `lc_win_rate`, `avg_length`, and,
 when a reference model is given, `kl_to_ref` (+ `kl_to_ref_se`) and
-`implicit_reward_acc` on held-out pairs.
+`implicit_reward_acc` on held-out pairs (both float32, DESIGN.md §3). `kl_to_ref` is
+sampled with generation capped at `eval.max_new_tokens`, so it is the KL between the
+two models' distributions over responses truncated there; `kl_to_ref_truncated_at`
+records that cap next to it. `judge_truncated` / `judge_truncated_reference` count
+the model's and the reference outputs whose prompt the judge had to shorten to fit
+its context (see `judges.RewardModelJudge`).
 """
 
 from __future__ import annotations
@@ -48,7 +53,9 @@ def evaluate_checkpoint(
     ref_verdicts = judge.score(prompts, references)
     lengths = np.array([len(text.split()) for text in outputs])
     ref_lengths = np.array([len(text.split()) for text in references])
-    metrics = {"avg_length": float(lengths.mean()), "num_prompts": len(prompts), "judge": judge.name}
+    metrics = {"avg_length": float(lengths.mean()), "num_prompts": len(prompts), "judge": judge.name,
+               "judge_truncated": sum(bool(v.get("truncated")) for v in verdicts),
+               "judge_truncated_reference": sum(bool(v.get("truncated")) for v in ref_verdicts)}
     prefs = [None] * len(prompts)
     if judge.scores:
         rewards = np.array([v["reward"] for v in verdicts])
@@ -77,6 +84,8 @@ def evaluate_checkpoint(
                 desc="sample for KL",
             )
         metrics["kl_to_ref"], metrics["kl_to_ref_se"] = sampled_kl(policy, reference, samples, runtime, pad)
+        # A KL over responses cut at this many tokens, not over complete responses.
+        metrics["kl_to_ref_truncated_at"] = int(ev.max_new_tokens)
         heldout = source.examples("heldout_pairs") if "heldout_pairs" in source.kinds else []
         if heldout:
             pairs, _ = encode_split(tokenizer, heldout, "preferences", cfg.model.max_length)

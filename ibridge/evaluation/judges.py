@@ -1,14 +1,19 @@
 """Judges: score responses to prompts. A registry, so new judges plug in by name.
 
-Every judge returns, per response, ``{"reward": float | None, "first_error": int | None}``.
+Every judge returns, per response, ``{"reward": float | None, "first_error": int | None}``;
+the reward-model judge adds ``"truncated": bool`` (the conversation did not fit its context).
 Win rates compare the model's reward with the fixed reference output's reward.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ibridge.data.formatting import as_messages
+
+log = logging.getLogger(__name__)
 
 
 class GoldJudge:
@@ -61,26 +66,56 @@ class RewardModelJudge:
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
 
-    def _render(self, prompt, response: str) -> str:
+    def _render(self, prompt, response: str) -> tuple[str, str]:
+        """The whole conversation as text, and the part of it before the response."""
         messages = as_messages(prompt) + [{"role": "assistant", "content": response}]
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False)
+            head = self.tokenizer.apply_chat_template(as_messages(prompt), tokenize=False, add_generation_prompt=True)
+            return text, head
         prompt_text = "\n".join(m["content"] for m in as_messages(prompt))
-        return f"{prompt_text}\n\n{response}"
+        return f"{prompt_text}\n\n{response}", f"{prompt_text}\n\n"
+
+    def _encode(self, prompt, response: str) -> tuple[list[int], bool, bool]:
+        """Token ids of the conversation, at most `max_length`: ``(ids, truncated, response_cut)``.
+
+        The response is what is scored, so a conversation too long for the reward model
+        loses the *start of its prompt* (keeping a leading BOS); only a response that alone
+        exceeds `max_length` is itself cut, on the right.
+        """
+        text, head = self._render(prompt, response)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= self.max_length:
+            return ids, False, False
+        head_ids = self.tokenizer(head, add_special_tokens=False)["input_ids"]
+        # The prompt is the tokens the conversation shares with its prompt-only rendering
+        # (the template's assistant header included): everything after that is the response.
+        split = 0
+        while split < min(len(ids), len(head_ids)) and ids[split] == head_ids[split]:
+            split += 1
+        keep_bos = int(bool(ids) and ids[0] == self.tokenizer.bos_token_id and split > 0)
+        room = self.max_length - keep_bos - (len(ids) - split)  # prompt tokens that still fit (< all of them)
+        if room >= 0:
+            return ids[:keep_bos] + ids[split - room : split] + ids[split:], True, False
+        return (ids[:keep_bos] + ids[split:])[: self.max_length], True, True
 
     @torch.no_grad()
     def score(self, prompts: list, responses: list[str]) -> list[dict]:
-        texts = [self._render(p, r) for p, r in zip(prompts, responses, strict=True)]
+        """``{"reward", "first_error": None, "truncated"}`` per response; ``truncated`` says the
+        conversation was longer than ``judge.max_length`` (its prompt was shortened from the left)."""
+        encoded = [self._encode(p, r) for p, r in zip(prompts, responses, strict=True)]
+        cut = sum(e[2] for e in encoded)
+        if cut:
+            log.warning("reward-model judge: %d of %d responses alone exceed judge.max_length=%d and were cut",
+                        cut, len(encoded), self.max_length)
         rewards: list[float] = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(
-                texts[start : start + self.batch_size], return_tensors="pt", padding=True, truncation=True,
-                max_length=self.max_length, add_special_tokens=False,
-            ).to(self.runtime.device)
+        for start in range(0, len(encoded), self.batch_size):
+            ids = [{"input_ids": e[0]} for e in encoded[start : start + self.batch_size]]
+            batch = self.tokenizer.pad(ids, padding=True, return_tensors="pt").to(self.runtime.device)
             with self.runtime.autocast():
-                logits = self.model(**batch).logits  # (B, num_labels)
-            rewards += logits[:, 0].float().cpu().tolist()
-        return [{"reward": r, "first_error": None} for r in rewards]
+                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            rewards += logits[:, 0].float().cpu().tolist()  # (B,)
+        return [{"reward": r, "first_error": None, "truncated": e[1]} for r, e in zip(rewards, encoded, strict=True)]
 
 
 class NoJudge:

@@ -16,8 +16,13 @@ sequence, and asks the empirical questions (``qlogit/…`` in metrics.jsonl and 
   per-token implicit reward, and ``r_t``, find the first wrong token of a response.
   Convention: over the responses (chosen or rejected) that have an error, the tokens up to
   and including the first wrong one; positive class = "this is the first wrong token";
-  score = the NEGATIVE reward (a lower per-token reward should flag the error). So 0.5 is
-  chance and > 0.5 means the reward drops at the error. None when undefined (one class empty).
+  score = the NEGATIVE reward (a lower per-token reward should flag the error). None when
+  undefined (one class empty). The positive is always the last token considered, so a score
+  that only drifts with position already beats 0.5: read these against
+  ``auroc_position_only`` (the AUROC of the token index itself), or read
+  ``auroc_token_reward_position_matched`` / ``auroc_r_t_position_matched``, which compare
+  tokens at the same position only (0.5 = chance whatever the position effects;
+  :func:`ibridge.analysis.qlogit.position_matched_auroc`).
 - ``implicit_reward_acc``: share of pairs whose sequence implicit reward ``r(x, y)`` ranks the
   chosen response above the rejected one (ties count half).
 - ``spearman_reward_gold`` (toy world only): Spearman correlation between ``r(x, y)`` and the
@@ -29,9 +34,18 @@ response, kind, tokens, token_reward, q, v, r_t, gold reward, first_error, ...),
 ``qlogit.json`` (the scalars), and the figures ``token_heatmap.png``,
 ``reward_distribution.png``, ``q_v_positions.png`` (also logged to wandb).
 
+Per-state logit offsets: Q, V, ``r_t`` and ``auroc_r_t*`` change when a constant is added to
+all logits of a state (which changes no probability); the per-token and sequence implicit
+rewards and the metrics built on them do not (``OFFSET_INVARIANT`` in
+:mod:`ibridge.analysis.qlogit`, which explains why).
+
 Settings (``qlogit.*``): ``beta`` (0.1), ``num_pairs`` (200; -1 all), ``num_figure_pairs`` (4),
 and optionally ``batch_size`` (32). ``checkpoint`` is the policy (null: the base model) and
-``reference`` its reference (null: the base model); both must share the tokenizer.
+``reference`` its reference; both must share the tokenizer. ``reference=null`` means the
+reference the checkpoint was trained against, read from its stage record (``stage.json``
+beside ``checkpoint/``: the base model for an SFT stage, the SFT model for a DPO stage), and
+the base model for a checkpoint without one. ``results.json["qlogit"]`` names the reference
+used (``reference``) and where it came from (``reference_from``).
 
 The forward passes run in float32 whatever ``trainer.precision`` says: Q and V are differences
 of logits, and bf16 logits (resolution 1/16 at 10) would bury the small differences between
@@ -47,12 +61,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ibridge.analysis.qlogit import check_identities, first_error_auroc, q_values, sequence_values
+from ibridge.analysis.qlogit import (
+    check_identities,
+    first_error_auroc,
+    position_matched_auroc,
+    position_only_auroc,
+    q_values,
+    sequence_values,
+)
 from ibridge.data.collate import pad_sequences
 from ibridge.data.formatting import EncodeStats, encode_response
 from ibridge.evaluation.stats import preferences_from_scores, spearman
 from ibridge.io import write_json_atomic
 from ibridge.models import load_model, load_tokenizer
+from ibridge.stages import STAGE_RECORD
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +100,8 @@ def run(ctx) -> None:
     cfg = ctx.cfg
     opts = settings(cfg)
     policy_path = ctx.checkpoint_or_base(cfg.checkpoint)
-    reference_path = ctx.checkpoint_or_base(cfg.get("reference"))
+    reference_path, reference_from = resolve_reference(ctx, policy_path)
+    log.info("qlogit: reference %s (%s)", reference_path, reference_from)
     out_dir = Path(ctx.run_dir) / "qlogit"
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx.logger.start(
@@ -102,9 +125,12 @@ def run(ctx) -> None:
     )
     records = [_record(seq, vals, tokenizer) for seq, vals in zip(sequences, values, strict=True)]
     metrics = summarise(records, len(pairs), err_token, err_sequence, opts["beta"])
+    metrics.update({"reference": str(reference_path), "reference_from": reference_from})
     log.info(
-        "qlogit: identity errors token %.2e sequence %.2e; implicit-reward acc %.3f; AUROC token reward %s, r_t %s",
-        err_token, err_sequence, metrics["implicit_reward_acc"], metrics["auroc_token_reward"], metrics["auroc_r_t"],
+        "qlogit: identity errors token %.2e sequence %.2e; implicit-reward acc %.3f; AUROC token reward %s "
+        "(position-matched %s, position only %s), r_t %s",
+        err_token, err_sequence, metrics["implicit_reward_acc"], metrics["auroc_token_reward"],
+        metrics["auroc_token_reward_position_matched"], metrics["auroc_position_only"], metrics["auroc_r_t"],
     )
 
     _write_tokens(out_dir / "tokens.jsonl", records)
@@ -119,6 +145,35 @@ def run(ctx) -> None:
 
 
 # --------------------------------------------------------------------------- data
+
+
+def resolve_reference(ctx, policy_path) -> tuple[Path | str, str]:
+    """The reference to compare `policy_path` with, and where that choice came from.
+
+    ``reference=`` when set; else the ``reference`` of the checkpoint's stage record
+    (``<stage>/stage.json`` beside ``<stage>/checkpoint``), the model that stage was trained
+    against; else the base model.
+    """
+    cfg = ctx.cfg
+    if cfg.get("reference"):
+        return ctx.checkpoint_or_base(cfg.reference), "reference="
+    record_file = Path(str(policy_path)).parent / STAGE_RECORD
+    if not cfg.get("checkpoint") or not record_file.is_file():
+        return ctx.base_model, "base model"
+    try:
+        recorded = json.loads(record_file.read_text()).get("reference")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"{record_file}: unreadable stage record ({err}); pass reference=<folder>") from err
+    if not recorded:
+        raise ValueError(f"{record_file}: no 'reference' in the stage record; pass reference=<folder>")
+    local = Path(str(recorded)).expanduser()
+    if local.exists():
+        return local, f"stage record {record_file}"
+    if cfg.model.kind != "toy" and str(recorded) == str(ctx.base_model):  # a hub name: the base model
+        return ctx.base_model, f"stage record {record_file}"
+    raise FileNotFoundError(
+        f"{record_file}: its reference {recorded} does not exist here; pass reference=<folder>"
+    )
 
 
 def _check_same_tokenizer(tokenizer, reference_path: Path) -> None:
@@ -249,6 +304,8 @@ def summarise(records: list[dict], num_pairs: int, err_token: float, err_sequenc
     first_errors = [r["first_error_token"] for r in records]
     auroc_reward, n_pos, n_neg = first_error_auroc([r["token_reward"] for r in records], first_errors)
     auroc_r_t, _, _ = first_error_auroc([r["r_t"] for r in records], first_errors)
+    matched_reward, n_matched = position_matched_auroc([r["token_reward"] for r in records], first_errors)
+    matched_r_t, _ = position_matched_auroc([r["r_t"] for r in records], first_errors)
     with_gold = [r for r in records if r["gold_reward"] is not None]
     rho = spearman([r["sequence_reward"] for r in with_gold], [r["gold_reward"] for r in with_gold])
     return {
@@ -256,6 +313,10 @@ def summarise(records: list[dict], num_pairs: int, err_token: float, err_sequenc
         "identity_max_abs_error_sequence": err_sequence,
         "auroc_token_reward": auroc_reward,
         "auroc_r_t": auroc_r_t,
+        "auroc_position_only": position_only_auroc([len(r["token_reward"]) for r in records], first_errors),
+        "auroc_token_reward_position_matched": matched_reward,
+        "auroc_r_t_position_matched": matched_r_t,
+        "num_position_matched_pairs": n_matched,
         "implicit_reward_acc": float(np.mean(preferences_from_scores(chosen, rejected))),
         "spearman_reward_gold": None if not np.isfinite(rho) else rho,
         "num_pairs": num_pairs,
