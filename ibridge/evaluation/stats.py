@@ -300,7 +300,9 @@ def length_controlled_win_rate(
     zeroed, averaged over instructions).  Here there is a single model/reference
     pair, no instruction-difficulty term and no cross-model sharing, so the
     result is simply ``sigmoid(a)``; values are not directly comparable with
-    leaderboard numbers.
+    leaderboard numbers. In the toy world the gold judge itself penalises a wrong
+    length (extra words, or an answer cut short), so length is part of gold quality
+    there and controlling for it also removes real quality differences.
 
     Args:
         prefs: per-prompt preferences in ``[0, 1]``.
