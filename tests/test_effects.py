@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from ibridge.analysis.effects import effects_markdown, paired_effects
-from ibridge.analysis.report import load_runs, write_report
+from ibridge.analysis.effects import paired_effects
+from ibridge.analysis.report import write_report
+from ibridge.analysis.runs import load_runs
+from ibridge.analysis.tables import effects_markdown
 
 # post-DPO win rate by (base, objective, lr, seed). Base 1: the smaller lr wins by
 # +0.02 and +0.04 (mean +0.03); base 2: it loses by 0.01 and 0.03 (mean -0.02).
@@ -68,3 +70,50 @@ def test_the_report_carries_the_effects(tmp_path):
     text = (tmp_path / "out" / "report.md").read_text()
     assert "Against the baseline" in text and "+0.005 ± 0.025" in text
     assert effects_markdown([], "nothing") == []
+
+
+# Objective (and granularity) effects on the post-DPO win rate, per base model; sft has no granularity.
+LIKE = {("sft", None): 0.40, ("tv", "sequence"): 0.42, ("tv", "token"): 0.47,
+        ("jsd", "sequence"): 0.45, ("jsd", "token"): 0.46}
+BASE_SHIFT = {1: 0.0, 2: 0.10}
+
+
+def _like_for_like_sweep(root: Path) -> Path:
+    num = 0
+    for (objective, granularity), win in LIKE.items():
+        for base in BASE_SHIFT:
+            for seed in (0, 1):
+                overrides = [f"model.pretrain.seed={base}", f"objective={objective}", "lr=0.001", f"seed={seed}"]
+                if granularity:
+                    overrides.append(f"objective.granularity={granularity}")
+                value = win + BASE_SHIFT[base] + 0.01 * seed
+                value += 0.02 if (objective, granularity, base) == ("jsd", "token", 2) else 0.0
+                folder = root / str(num)
+                folder.mkdir(parents=True)
+                (folder / "results.json").write_text(json.dumps({
+                    "status": "completed", "job": "pipeline", "overrides": overrides,
+                    "stages": {"sft": {"objective": objective, "lr": 1e-3}},
+                    "eval_by_stage": {"dpo": {"win_rate": value, "gold_reward": value}},
+                }))
+                num += 1
+    return root
+
+
+def test_tv_baseline_is_tv_at_the_same_lr_and_granularity(tmp_path):
+    runs = load_runs(_like_for_like_sweep(tmp_path))
+    vs_tv = {e.settings: e for e in paired_effects(runs, baseline="tv")}
+    assert {e.objective for e in vs_tv.values()} == {"jsd"}  # neither sft nor tv is compared with tv
+    sequence = vs_tv[("objective.granularity=sequence",)]
+    assert sequence.per_block == pytest.approx({"model.pretrain.seed=1": 0.03, "model.pretrain.seed=2": 0.03})
+    token = vs_tv[("objective.granularity=token",)]  # 0.46 - 0.47, and +0.02 more on base 2
+    assert token.per_block == pytest.approx({"model.pretrain.seed=1": -0.01, "model.pretrain.seed=2": 0.01})
+    assert token.mean == pytest.approx(0.0, abs=1e-12) and token.se == pytest.approx(0.01)
+    assert token.baseline_mean == pytest.approx(((0.47 + 0.005) + (0.57 + 0.005)) / 2)
+    # Against plain sft, which has no granularity: every tv and jsd cell, each by its own granularity.
+    vs_sft = {(e.objective, e.settings): e.mean for e in paired_effects(runs, baseline="sft")}
+    assert vs_sft == pytest.approx({
+        ("tv", ("objective.granularity=sequence",)): 0.02, ("tv", ("objective.granularity=token",)): 0.07,
+        ("jsd", ("objective.granularity=sequence",)): 0.05, ("jsd", ("objective.granularity=token",)): 0.07,
+    })
+    with pytest.raises(ValueError, match="baseline='kl'"):
+        paired_effects(runs, baseline="kl")

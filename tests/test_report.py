@@ -232,7 +232,81 @@ def test_other_varying_overrides_split_cells(tmp_path):
         }, None)
     payload, markdown, _ = _run(sweep)
     assert [c["varying_overrides"] for c in payload["cells"]] == ["objective.beta=0.1", "objective.beta=0.5"]
-    assert "| overrides |" in markdown and "logger=none" not in markdown.split("## Failed runs")[0]
+    assert [c["settings"] for c in payload["cells"]] == [{"objective.beta": "0.1"}, {"objective.beta": "0.5"}]
+    assert "| SFT lr | objective.beta | seeds |" in markdown
+    assert "logger" not in markdown.split("## Failed runs")[0]
+    assert [row[2] for row in _table_rows(markdown)] == ["0.1", "0.5"]
+
+
+# A grid over four keys at once: SFT objective × SFT lr × objective.beta × dpo.lr, two seeds.
+GRID_OBJECTIVES = {"sft": 0.0, "tv": 0.02, "jsd": 0.05}  # additive effect on the post-DPO win rate
+GRID_LRS = {1e-3: 0.0, 1e-4: 0.03}
+GRID_BETAS = (0.1, 1.0)  # jsd gains 0.1 * beta; sft and tv ignore beta
+GRID_DPO_LRS = {5e-4: 0.0, 1e-4: -0.02}
+
+
+def _grid_win(objective, lr, beta, dpo_lr, seed) -> float:
+    return (0.40 + GRID_OBJECTIVES[objective] + GRID_LRS[lr] + (0.1 * beta if objective == "jsd" else 0.0)
+            + GRID_DPO_LRS[dpo_lr] + 0.01 * seed)
+
+
+def make_grid_sweep(root: Path) -> Path:
+    num = 0
+    for objective in GRID_OBJECTIVES:
+        for lr in GRID_LRS:
+            for beta in GRID_BETAS:
+                for dpo_lr in GRID_DPO_LRS:
+                    for seed in (0, 1):
+                        # The same value spelt two ways (0.0005, 5e-04) is one cell.
+                        dpo_text = f"{dpo_lr:g}" if seed == 0 else f"{dpo_lr:.0e}"
+                        overrides = [f"objective={objective}", f"lr={lr:g}", f"objective.beta={beta}",
+                                     f"dpo.lr={dpo_text}", f"seed={seed}"]
+                        win = _grid_win(objective, lr, beta, dpo_lr, seed)
+                        _write_run(root / f"{num}", {
+                            "status": "completed", "job": "pipeline", "overrides": overrides,
+                            "stages": {"sft": {"objective": objective, "lr": lr}},
+                            "eval_by_stage": {"dpo": {"win_rate": win, "gold_reward": win + 0.2}},
+                        }, None)
+                        num += 1
+    return root
+
+
+def test_any_grid_of_swept_keys_groups_by_what_varies(tmp_path):
+    payload, markdown, console = _run(make_grid_sweep(tmp_path / "sweep"), tmp_path / "out")
+    assert payload["varying"] == ["dpo.lr", "objective.beta"]
+    assert payload["n_cells"] == 3 * 2 * 2 * 2 and payload["n_runs"] == 48
+    cells = {(c["objective"], c["lr"], c["settings"]["objective.beta"], c["settings"]["dpo.lr"]): c
+             for c in payload["cells"]}
+    assert set(cells) == {(o, lr, f"{b:g}", f"{d:g}") for o in GRID_OBJECTIVES for lr in GRID_LRS
+                          for b in GRID_BETAS for d in GRID_DPO_LRS}
+    # Each cell holds its two seeds; mean ± se by hand for one of them.
+    stat = cells[("jsd", 1e-4, "1", "0.0001")]["metrics"]["eval"]["dpo"]["win_rate"]
+    a, b = (_grid_win("jsd", 1e-4, 1.0, 1e-4, seed) for seed in (0, 1))
+    assert stat["n"] == 2 and stat["mean"] == pytest.approx((a + b) / 2) and stat["se"] == pytest.approx(abs(a - b) / 2)
+    # One column per varying key, rows ordered numerically within each.
+    header = next(line for line in markdown.splitlines() if line.startswith("| objective"))
+    assert header.startswith("| objective | SFT lr | dpo.lr | objective.beta | seeds |")
+    rows = _table_rows(markdown)
+    assert [row[:4] for row in rows[:4]] == [["jsd", "0.0001", "0.0001", "0.1"], ["jsd", "0.0001", "0.0001", "1"],
+                                             ["jsd", "0.0001", "0.0005", "0.1"], ["jsd", "0.0001", "0.0005", "1"]]
+    # Paired effects per (objective, lr, beta, dpo.lr): the sft baseline is plain sft at the top lr with
+    # the same dpo.lr and beta, so the effect is exactly the additive terms that differ.
+    effects = {(e["objective"], e["lr"], tuple(e["settings"])): e for e in payload["effects"]["eval.dpo.win_rate"]}
+    assert len(effects) == 24 - 4  # every cell but the four baselines
+    for (objective, lr, settings), effect in effects.items():
+        beta = float(settings[1].split("=")[1])
+        expected = GRID_OBJECTIVES[objective] + GRID_LRS[lr] + (0.1 * beta if objective == "jsd" else 0.0)
+        assert effect["mean"] == pytest.approx(expected, abs=1e-12), (objective, lr, settings)
+        assert effect["per_block"].keys() == {""} and len(effect["units"]) == 2
+    # Against tv at the same lr, beta and granularity: only jsd is compared, by O[jsd] - O[tv] + 0.1 * beta.
+    vs_tv = payload["effects_vs_tv"]["eval.dpo.win_rate"]
+    assert {e["objective"] for e in vs_tv} == {"jsd"} and len(vs_tv) == 8
+    for effect in vs_tv:
+        beta = float(effect["settings"][1].split("=")[1])
+        assert effect["mean"] == pytest.approx(0.05 - 0.02 + 0.1 * beta, abs=1e-12)
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "| objective | SFT lr | dpo.lr | objective.beta | Δ vs baseline |" in text
+    assert "Against the like-for-like baseline (tv at the same lr and granularity" in text
 
 
 def test_newest_sweep(tmp_path):

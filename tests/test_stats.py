@@ -90,6 +90,35 @@ def test_bootstrap_chunked_paths_agree(monkeypatch):
     assert fast[0] < vals.mean() < fast[1]
 
 
+def _percentile_bootstrap_by_hand(values, n_resamples, confidence, seed, rows_per_draw):
+    """The percentile bootstrap written out: indices drawn from default_rng(seed) in blocks of
+    `rows_per_draw` resamples (as scipy's `batch` does), means, numpy's linear quantiles."""
+    rng = np.random.default_rng(seed)
+    n = len(values)
+    means = []
+    while len(means) < n_resamples:
+        rows = min(rows_per_draw, n_resamples - len(means))
+        means.extend(np.asarray(values)[rng.integers(0, n, size=(rows, n))].mean(axis=1))
+    alpha = 1 - confidence
+    return tuple(np.quantile(means, [alpha / 2, 1 - alpha / 2]))
+
+
+@pytest.mark.parametrize(("n", "n_resamples", "confidence"), [(7, 500, 0.95), (40, 1001, 0.9), (300, 200, 0.5)])
+def test_bootstrap_matches_a_hand_written_percentile_bootstrap(n, n_resamples, confidence, monkeypatch):
+    import ibridge.evaluation.stats as stats_mod
+
+    monkeypatch.setattr(stats_mod, "_BOOTSTRAP_CHUNK_ELEMENTS", 2048)  # several batches of draws
+    vals = np.random.default_rng(n).normal(size=n)
+    expected = _percentile_bootstrap_by_hand(vals, n_resamples, confidence, seed=5, rows_per_draw=2048 // n)
+    got = bootstrap_ci(vals, n_resamples=n_resamples, confidence=confidence, seed=5)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+
+
+def test_bootstrap_one_row_is_its_own_interval():
+    assert bootstrap_ci([0.25]) == (0.25, 0.25)
+    assert bootstrap_ci(np.array([[1.0, 3.0]]), stat=lambda v: float(v[:, 1].sum())) == (3.0, 3.0)
+
+
 def test_bootstrap_generic_stat_and_constant_values():
     assert bootstrap_ci([3.0] * 10) == (3.0, 3.0)
     vals = np.arange(21.0)
@@ -271,12 +300,17 @@ def test_spearman_perfect_and_constant():
         spearman([1, 2], [1, 2, 3])
 
 
-def test_spearman_matches_scipy():
-    scipy_stats = pytest.importorskip("scipy.stats")
+def _average_ranks_by_hand(x):
+    # rank of v = 1 + (number of values below it) + (number of other values equal to it) / 2
+    x = np.asarray(x)
+    return np.array([1 + (x < v).sum() + ((x == v).sum() - 1) / 2 for v in x])
+
+
+def test_spearman_is_pearson_of_hand_computed_average_ranks():
     rng = np.random.default_rng(3)
     x = rng.integers(0, 6, size=80).astype(float)
     y = x + rng.integers(-3, 4, size=80)
-    expected = scipy_stats.spearmanr(x, y).statistic
+    expected = np.corrcoef(_average_ranks_by_hand(x), _average_ranks_by_hand(y))[0, 1]
     assert spearman(x, y) == pytest.approx(float(expected), abs=1e-12)
 
 
