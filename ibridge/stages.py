@@ -143,7 +143,8 @@ def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path
         seed=int(cfg.seed),
         pack_sequences=bool(cfg.trainer.get("pack_sequences", True)),
     )
-    ctx.logger.start(stage, run_name or stage, {"stage": stage, "stage_objective": objective.name, "stage_lr": lr})
+    ctx.logger.start(stage, run_name or stage, {"stage": stage, "stage_objective": objective.name, "stage_lr": lr},
+                     home=out_dir)  # keeps the run id: a resumed stage continues its wandb run
     model = load_model(init_path, ctx.runtime, on_device=not ctx.runtime.dist.sharded)
     if lora_enabled(cfg.model):
         model = wrap_with_lora(model, cfg.model.lora)
