@@ -1,6 +1,6 @@
 """`ibridge [JOB] [hydra overrides]` — job dispatch and the Hydra entry point.
 
-JOB is one of pipeline (default), train, eval, qlogit, report; everything after it is Hydra's
+JOB is one of pipeline (default), train, eval, qlogit, report, dashboard; everything after it is Hydra's
 (`key=value`, `group=option`, `-m`, `--cfg job`, `--help`).
 """
 

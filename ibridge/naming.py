@@ -13,9 +13,9 @@ from pathlib import PurePath
 
 from omegaconf import OmegaConf
 
-# Overrides that do not change what a run computes (or are spelled by the tag already).
-NOT_IN_TAG = ("objective", "lr", "seed", "job", "resume", "output_dir", "debug", "hydra", "logger", "trainer",
-              "report", "dashboard", "model.cache_dir", "eval.batch_size")
+# Overrides the tag spells already, or that do not change what a run computes (with their sub-keys).
+SPELLED = ("objective", "lr", "seed", "job", "resume", "output_dir")
+NOT_IN_TAG = ("debug", "hydra", "logger", "trainer", "report", "dashboard", "model.cache_dir", "eval.batch_size")
 
 
 def fmt_lr(lr) -> str:
@@ -43,8 +43,11 @@ def _short(key: str, value: str) -> str:
     return f"{key}={value}"
 
 
-def _in_tag(key: str) -> bool:
+def in_tag(key: str) -> bool:
+    """Whether an override of `key` is spelled out in the tag (``objective.beta``: yes; ``logger.mode``: no)."""
     key = key.lstrip("+~")
+    if key in SPELLED:
+        return False
     return not any(key == prefix or key.startswith((f"{prefix}.", f"{prefix}/")) for prefix in NOT_IN_TAG)
 
 
@@ -61,12 +64,12 @@ def cell_tag(cfg, overrides: list[str]) -> str:
         skip = ("checkpoint",)
     else:
         objective = OmegaConf.select(cfg, "objective.name", default="?")
-        parts = [str(objective), f"lr{fmt_lr(cfg.lr)}", f"s{cfg.seed}"]
+        parts = [str(objective), f"lr{fmt_lr(OmegaConf.select(cfg, 'lr', default='?'))}", f"s{cfg.seed}"]
     for override in overrides:
         if "=" not in override:
             continue
         key, value = override.split("=", 1)
-        if _in_tag(key) and key.lstrip("+~") not in skip:
+        if in_tag(key) and key.lstrip("+~") not in skip:
             parts.append(_short(key, value))
     return "-".join(parts)
 

@@ -76,12 +76,13 @@ class RunLogger:
         return str(self.logger_cfg.get("mode", "offline"))
 
     def start(self, stage: str, name: str, extra_config: dict | None = None, *, home: Path | None = None,
-              job_type: str | None = None, group: str | None = None, config: dict | None = None) -> None:
+              job_type: str | None = None, group: str | None = None, config: dict | None = None,
+              identity: dict | None = None) -> None:
         """Start the wandb run of one stage (job_type `stage` unless given).
 
         `home`: the stage's folder, where its run id is kept, so that the stage started
         again there continues the same run. `config` replaces the resolved config
-        (the cell run's flat axes); the identity block is added either way.
+        (the cell run's flat axes); the identity block (updated by `identity`) is added either way.
         """
         self.finish()
         self.stage = stage
@@ -98,8 +99,8 @@ class RunLogger:
         os.environ.setdefault("WANDB_SILENT", "true")
         if self._resumed_id and self.mode == "offline":
             self._supersede(run_id)
-        base = self.config if config is None else scrub({**config, "ibridge": self.identity,
-                                                         "run_dir": self.config["run_dir"]})
+        base = self.config if config is None else scrub({**config, "run_dir": self.config["run_dir"]})
+        base = {**base, "ibridge": {**self.identity, "group": group or self.group, **(identity or {})}}
         self._wandb_run = wandb.init(
             project=self.logger_cfg.get("project", "ibridge"),
             entity=self.logger_cfg.get("entity"),
@@ -206,11 +207,11 @@ class RunLogger:
             for key, value in metrics.items():
                 self._wandb_run.summary[key] = value
 
-    def log_image(self, key: str, path: Path) -> None:
+    def log_image(self, key: str, path: Path, step: int | None = None) -> None:
         if self._wandb_run is not None:
             import wandb
 
-            self._wandb_run.log({key: wandb.Image(str(path))})
+            self.log_wandb({key: wandb.Image(str(path))}, step=step)
 
     def log_table(self, key: str, columns: list[str], rows: list[list], step: int | None = None) -> None:
         if self._wandb_run is not None:
