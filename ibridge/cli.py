@@ -1,6 +1,6 @@
 """`ibridge [JOB] [hydra overrides]` — job dispatch and the Hydra entry point.
 
-JOB is one of pipeline (default), train, eval, qlogit, report; everything after it is Hydra's
+JOB is one of pipeline (default), train, eval, qlogit, report, dashboard; everything after it is Hydra's
 (`key=value`, `group=option`, `-m`, `--cfg job`, `--help`).
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -121,7 +122,7 @@ def _hydra_entry(cfg: DictConfig) -> None:
 
 def _group_name(hydra_cfg, run_dir: Path) -> str:
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        sweep = Path(hydra_cfg.sweep.dir)
+        sweep = Path(hydra_cfg.sweep.dir).resolve()  # `hydra.sweep.dir=sw` still names its parent
         return f"sweep-{sweep.parent.name}-{sweep.name}"
     return f"run-{run_dir.parent.name}-{run_dir.name}"
 
@@ -155,7 +156,9 @@ def run(cfg: DictConfig) -> dict:
         if main_process:
             prepare_run_dir(run_dir, cfg)
         barrier(runtime.dist)
-        results.update(_run_job(cfg, run_dir, _group_name(hydra_cfg, run_dir), runtime))
+        identity = {"sweep": str(Path(hydra_cfg.sweep.dir).resolve()) if multirun else None}
+        results.update(_run_job(cfg, run_dir, _group_name(hydra_cfg, run_dir), runtime, identity,
+                                list(hydra_cfg.overrides.task)))
         results["status"] = "completed"
         failed = False
     except ConfigError as err:
@@ -167,9 +170,13 @@ def run(cfg: DictConfig) -> dict:
         print(f"ibridge: config error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except Exception as err:  # the run is marked failed; a sweep's other cells go on
+        from ibridge.data import DataError
+        from ibridge.data.formatting import TemplateError
         from ibridge.training import StopRequested
 
-        results.update(status="failed", error=f"{type(err).__name__}: {err}")
+        # A malformed row or a missing field: the message names file, line and field already.
+        data_error = isinstance(err, (DataError, TemplateError))
+        results.update(status="failed", error=f"data error: {err}" if data_error else f"{type(err).__name__}: {err}")
         if main_process:
             (run_dir / "error.log").write_text(traceback.format_exc())
         write_results({**results, "runtime_s": round(time.time() - started, 2)})
@@ -181,6 +188,9 @@ def run(cfg: DictConfig) -> dict:
         if multirun:
             log.error("run failed: %s (traceback in %s)", err, run_dir / "error.log")
             return results
+        if data_error and os.environ.get("HYDRA_FULL_ERROR") != "1":
+            print(f"ibridge: data error: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
         raise
     finally:
         if runtime is not None:
@@ -189,6 +199,10 @@ def run(cfg: DictConfig) -> dict:
     write_results(results)
     if main_process:
         log.info("results: %s", run_dir / "results.json")
+        if not multirun:  # a sweep prints one line per cell at its end (ibridge.summary.SweepSummary)
+            from ibridge.summary import print_run
+
+            print_run(results)
     return results
 
 
@@ -236,26 +250,38 @@ def prepare_run_dir(run_dir: Path, cfg: DictConfig) -> None:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
 
 
-def _run_job(cfg: DictConfig, run_dir: Path, group: str, runtime) -> dict:
+def _run_job(cfg: DictConfig, run_dir: Path, group: str, runtime, identity: dict | None = None,
+             overrides: list[str] | None = None) -> dict:
     from transformers.utils import logging as hf_logging
 
     from ibridge.data import source_for
     from ibridge.jobs import JOBS as JOB_FUNCTIONS
     from ibridge.jobs.context import RunContext
+    from ibridge.naming import cell_tag
     from ibridge.runtime import seed_everything
     from ibridge.tracking import RunLogger
 
     hf_logging.disable_progress_bar()  # weight-loading bars would bury the stage bars
     seed_everything(int(cfg.seed))
     config = OmegaConf.to_container(cfg, resolve=True)
-    logger = RunLogger(run_dir, cfg.logger, config, group, enabled=runtime.dist.is_main)
-    ctx = RunContext(cfg=cfg, run_dir=run_dir, runtime=runtime, logger=logger, source=source_for(cfg.data))
+    tag = cell_tag(cfg, overrides or [])
+    logger = RunLogger(run_dir, cfg.logger, config, group, enabled=runtime.dist.is_main,
+                       identity={"cell": tag, **(identity or {})})
+    ctx = RunContext(cfg=cfg, run_dir=run_dir, runtime=runtime, logger=logger, source=source_for(cfg.data), tag=tag)
     log.info("job=%s run_dir=%s device=%s precision=%s", cfg.job, run_dir, runtime.device, runtime.precision)
     try:
         JOB_FUNCTIONS[cfg.job](ctx)
+    except BaseException as err:
+        try:
+            logger.fail(err)  # the open wandb run ends with a non-zero exit code and the error
+        except Exception as log_err:  # the job's error is the one to report
+            log.warning("could not mark the wandb run failed: %s", log_err)
+        raise
     finally:
         logger.finish()
     ctx.results["wandb_group"] = logger.group if logger.backend == "wandb" else None
+    ctx.results["cell"] = tag
+    ctx.results["seed"] = int(cfg.seed)
     ctx.results["device"] = str(runtime.device)
     ctx.results["precision"] = runtime.precision
     return ctx.results

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
-JOBS = ("pipeline", "train", "eval", "qlogit", "report")
+JOBS = ("pipeline", "train", "eval", "qlogit", "report", "dashboard")
 STAGE_KEYS = ("sft", "dpo")
 
 
@@ -162,7 +162,7 @@ def validate(cfg: DictConfig) -> None:
                 f"objective={cfg.objective.name} needs {', '.join(sorted(missing))} but "
                 f"data={cfg.data.kind} provides {', '.join(sorted(provided))}"
             )
-    if cfg.job in ("report", "qlogit"):
+    if cfg.job in ("report", "qlogit", "dashboard"):
         return
     if cfg.job == "eval" and "eval" not in provided:
         raise ConfigError(f"data={cfg.data.kind} has no evaluation prompts; eval needs data=toy")

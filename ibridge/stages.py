@@ -174,7 +174,8 @@ def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path
         seed=int(cfg.seed),
         pack_sequences=bool(cfg.trainer.get("pack_sequences", True)),
     )
-    ctx.logger.start(stage, run_name or stage, {"stage": stage, "stage_objective": objective.name, "stage_lr": lr})
+    ctx.logger.start(stage, run_name or stage, {"stage": stage, "stage_objective": objective.name, "stage_lr": lr},
+                     home=out_dir)  # keeps the run id: a resumed stage continues its wandb run
     model = load_trainable(init_path, ctx)
     collate = collate_demonstrations if kind == "demonstrations" else collate_pairs
     evaluate = drift_evaluator(ctx, tokenizer, reference_path) if kind == "demonstrations" else None

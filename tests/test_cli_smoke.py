@@ -3,33 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO
+from tests.conftest import ibridge  # noqa: F401  (other test modules import it from here)
 
-
-def ibridge(args: list[str], cwd: Path, cache: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "IBRIDGE_CACHE": str(cache), "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "ibridge", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"ibridge {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, model_cache) -> Path:
-    cwd = tmp_path_factory.mktemp("smoke")
-    ibridge(["debug=smoke", "hydra.run.dir=run"], cwd, model_cache)
-    return cwd / "run"
+# `smoke_run`: the session's smoke pipeline (tests/conftest.py).
 
 
 def test_results_json_contract(smoke_run):

@@ -18,11 +18,7 @@ def cells(sweep: Path) -> dict[str, dict]:
     return {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/results.json")}
 
 
-@pytest.fixture(scope="module")
-def two_cell_sweep(tmp_path_factory, model_cache) -> Path:
-    cwd = tmp_path_factory.mktemp("sweep")
-    ibridge(["-m", *SMOKE, "objective=sft,jsd", "lr=1e-3", "seed=0", "hydra.sweep.dir=sw"], cwd, model_cache)
-    return cwd / "sw"
+# `two_cell_sweep`: the session's 2-cell sweep (objective=sft,jsd; tests/conftest.py).
 
 
 def test_two_cell_sweep_and_report(two_cell_sweep, tmp_path, model_cache):

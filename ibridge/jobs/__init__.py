@@ -1,7 +1,7 @@
 """One short module per job, wiring the rest of the package."""
 
+from ibridge.jobs import dashboard, pipeline, qlogit, report, train
 from ibridge.jobs import eval as eval_job
-from ibridge.jobs import pipeline, qlogit, report, train
 
 JOBS = {
     "pipeline": pipeline.run,
@@ -9,4 +9,5 @@ JOBS = {
     "eval": eval_job.run,
     "qlogit": qlogit.run,
     "report": report.run,
+    "dashboard": dashboard.run,
 }

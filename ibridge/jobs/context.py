@@ -21,6 +21,8 @@ class RunContext:
     logger: RunLogger
     source: object
     results: dict = field(default_factory=dict)
+    # The cell's name from its overrides (ibridge.naming.cell_tag), e.g. ``jsd-lr1e-4-s0``.
+    tag: str = ""
 
     @cached_property
     def base_model(self) -> Path | str:
@@ -38,9 +40,13 @@ class RunContext:
         local = Path(name).expanduser()
         return str(local) if local.exists() or name.startswith((".", "/", "~")) else name
 
-    def run_name(self, stage: str, objective: str, lr: float) -> str:
-        """Names that say the overrides, e.g. ``sft-jsd-lr1e-06-s0``."""
-        return f"{stage}-{objective}-lr{lr:g}-s{self.cfg.seed}"
+    def run_name(self, kind: str) -> str:
+        """``<kind>-<cell tag>``, e.g. ``sft-jsd-lr1e-6-s0``, ``eval-dpo-jsd-lr1e-6-s0``: unique in a sweep."""
+        if not self.tag:
+            from ibridge.naming import cell_tag
+
+            self.tag = cell_tag(self.cfg, [])
+        return f"{kind}-{self.tag}"
 
     def checkpoint_or_base(self, path) -> Path:
         if path:

@@ -8,12 +8,42 @@ from ibridge.distributed import all_reduce_sum, barrier
 from ibridge.evaluation.evaluate import evaluate_checkpoint
 from ibridge.io import write_json_atomic
 
+# Columns of the `eval/generations` table, as generations.jsonl names them.
+TABLE_COLUMNS = ("prompt", "output", "reference", "reward", "reference_reward", "preference", "first_error")
+DEFAULT_TABLE_ROWS = 100
+
+
+def eval_scalars(label: str, metrics: dict) -> dict:
+    """``eval/<label>/<metric>`` for every number, the CI as ``win_rate_ci_low``/``_high``:
+    base, sft and dpo evaluations keep apart in a dashboard that reads several runs."""
+    flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if isinstance(metrics.get("win_rate_ci"), (list, tuple)) and len(metrics["win_rate_ci"]) == 2:
+        flat["win_rate_ci_low"], flat["win_rate_ci_high"] = metrics["win_rate_ci"]
+    return {f"eval/{label}/{k}": v for k, v in flat.items()}
+
+
+def generations_table(path, max_rows: int) -> tuple[list[str], list[list]]:
+    """The first `max_rows` rows of generations.jsonl as table columns and rows."""
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if len(rows) >= max_rows:
+                break
+            record = json.loads(line)
+            row = []
+            for column in TABLE_COLUMNS:
+                value = record.get(column)
+                row.append(value if value is None or isinstance(value, (str, int, float)) else json.dumps(value))
+            rows.append(row)
+    return list(TABLE_COLUMNS), rows
+
 
 def evaluate_stage(ctx, label: str, policy, reference) -> dict:
     """Evaluate `policy` as its own wandb run (job_type eval) under ``eval/<label>``.
 
     ``eval/<label>/eval.json`` is written last: when it exists (a resumed run) the
-    evaluation is not repeated.
+    evaluation is not repeated. The run logs ``eval/<label>/<metric>`` and an
+    ``eval/generations`` table (the first ``logger.table_rows`` generations).
     """
     out_dir = ctx.run_dir / "eval" / label
     marker = out_dir / "eval.json"
@@ -26,11 +56,14 @@ def evaluate_stage(ctx, label: str, policy, reference) -> dict:
     if not ctx.runtime.dist.is_main:  # rank 0 evaluates; the others wait for it
         barrier(ctx.runtime.dist)
         return {}
-    ctx.logger.start("eval", f"eval-{label}-s{ctx.cfg.seed}", {"evaluated": label})
+    ctx.logger.start("eval", ctx.run_name(f"eval-{label}"), {"evaluated": label}, home=out_dir)
     metrics = evaluate_checkpoint(ctx.cfg, ctx.source, policy, reference, ctx.runtime, out_dir, generator=label)
-    scalars = {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    scalars = eval_scalars(label, metrics)
     ctx.logger.log(scalars, step=0)
     ctx.logger.summary(scalars)
+    max_rows = int(ctx.cfg.logger.get("table_rows", DEFAULT_TABLE_ROWS))
+    if max_rows > 0 and (out_dir / "generations.jsonl").is_file():
+        ctx.logger.log_table("eval/generations", *generations_table(out_dir / "generations.jsonl", max_rows), step=0)
     ctx.logger.finish()
     write_json_atomic(marker, metrics)
     barrier(ctx.runtime.dist)

@@ -106,7 +106,7 @@ def run(ctx) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx.logger.start(
         "qlogit",
-        f"qlogit-s{cfg.seed}",
+        ctx.run_name("qlogit"),
         {"checkpoint": str(policy_path), "reference": str(reference_path), "qlogit_settings": opts},
     )
     if Path(policy_path).resolve() == Path(reference_path).resolve():

@@ -2,7 +2,9 @@
 
 Trains nothing and loads no model: reads every results.json below
 ``report.path`` and writes report.md, report.json and PNGs into that folder
-(see :mod:`ibridge.analysis.report`).
+(see :mod:`ibridge.analysis.report`). With wandb, a `report` run in the sweep's
+group holds the cells and paired-effects tables and the plots
+(:mod:`ibridge.analysis.wandb_report`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ def run(ctx) -> None:
         report = write_report(sweep)
     except FileNotFoundError as err:
         raise ConfigError(f"report.path={sweep}: {err}") from None
+    from ibridge.analysis.wandb_report import log_report
+
+    logger = getattr(ctx, "logger", None)
+    group = log_report(logger, report, sweep, home=ctx.run_dir) if logger is not None else None
     ctx.results["report"] = {
         "path": report["files"]["report_md"],
         "sweep": str(sweep),
@@ -41,3 +47,5 @@ def run(ctx) -> None:
         "failed": report["n_failed_runs"],
         "failed_cells": report["n_failed_cells"],
     }
+    if group:
+        ctx.results["report"]["wandb_group"] = group

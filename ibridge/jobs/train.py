@@ -20,6 +20,6 @@ def run(ctx) -> None:
         init_path=init,
         reference_path=reference,
         out_dir=ctx.run_dir / stage,
-        run_name=ctx.run_name(stage, cfg.objective.name, cfg.lr),
+        run_name=ctx.run_name(stage),
     )
     ctx.results["stages"] = {stage: record}

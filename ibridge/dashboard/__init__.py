@@ -1,0 +1,1 @@
+"""wandb dashboards for a sweep: a saved Workspace and a Report (`ibridge dashboard`)."""
