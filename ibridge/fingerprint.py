@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ibridge.io import write_json_atomic
-from ibridge.models import inference_dtype
+from ibridge.models import reference_pass_dtype
 from ibridge.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,8 @@ def numerics_fingerprint(runtime: Runtime) -> dict:
     device = runtime.device
     return {
         "precision": runtime.precision,
-        "weights_dtype": str(inference_dtype(runtime)),
+        "weights_dtype": str(reference_pass_dtype(runtime)),
+        "distributed": runtime.dist.mode,
         "attn_implementation": runtime.attn_implementation,
         "device": device.type,
         # Kernels differ between GPU generations, and TF32 changes fp32 matmuls on GPUs.

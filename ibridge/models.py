@@ -55,6 +55,21 @@ def inference_dtype(runtime: Runtime) -> torch.dtype:
     return torch.bfloat16 if runtime.precision == "bf16" else torch.float32
 
 
+def reference_pass_dtype(runtime: Runtime) -> torch.dtype:
+    """The weights the reference pass runs on: those the policy's training forward runs on,
+    so that at step 0 the implicit reward ``beta * (log pi - log pi_ref)`` is zero rather than
+    numerical noise (up to 0.025 nats per sequence was measured between the two numerics).
+
+    * FSDP's bf16 parameter policy and DeepSpeed bf16 train on bf16 parameters (a bf16
+      residual stream): the reference loads in bf16.
+    * One process or DDP under ``precision=bf16`` trains with autocast over fp32 weights
+      (fp32 residual stream, bf16 matmuls): the reference loads fp32 and runs under the same
+      autocast. It costs fp32 weights once, which training holds anyway.
+    """
+    bf16_parameters = runtime.precision == "bf16" and runtime.dist.mode in ("fsdp", "deepspeed")
+    return torch.bfloat16 if bf16_parameters else torch.float32
+
+
 def load_model(
     path: str | Path,
     runtime: Runtime,

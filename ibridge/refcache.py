@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ibridge.data.collate import pad_sequences
 from ibridge.fingerprint import model_fingerprint, numerics_fingerprint
-from ibridge.models import inference_dtype, load_model
+from ibridge.models import load_model, reference_pass_dtype
 from ibridge.objectives.logprobs import token_logps
 from ibridge.runtime import Runtime
 
@@ -162,10 +162,12 @@ def cached_reference_logps(
 ) -> list[torch.Tensor]:
     """Reference per-token log-probs of `sequences`, from the cache or one reference pass.
 
-    `load_reference()` (default: ``load_model(reference_path, runtime, for_inference=True)``)
-    is called only on a cache miss, so a warm cache never loads the reference model at all.
-    The pass runs in :func:`ibridge.models.inference_dtype`, the dtype the key names: a loader
-    that gives other weights is replaced by that default. The model is freed before returning.
+    `load_reference()` (default: ``load_model(reference_path, runtime, for_inference=True,
+    dtype=reference_pass_dtype(runtime))``) is called only on a cache miss, so a warm cache
+    never loads the reference model at all. The pass runs on the weights
+    :func:`ibridge.models.reference_pass_dtype` names (the numerics training runs with), the
+    dtype the key names: a loader that gives other weights is replaced by that default. The
+    model is freed before returning.
     """
     cache_dir = Path(cache_dir).expanduser()
     folder = cache_dir / "reflogps"
@@ -177,16 +179,16 @@ def cached_reference_logps(
         if cached is not None:
             return cached
     reference = load_reference() if load_reference is not None else None
-    if reference is None or next(reference.parameters()).dtype != inference_dtype(runtime):
+    weights = reference_pass_dtype(runtime)
+    if reference is None or next(reference.parameters()).dtype != weights:
         if reference is not None:
             # The key names the compute dtype; casting afterwards is not the same model (it
             # would also cast the fp32 rotary buffers), so load it as the key says.
             log.warning("reference log-probs: load_reference() gave %s weights, the pass runs in %s: "
-                        "reloading with load_model(..., for_inference=True)", next(reference.parameters()).dtype,
-                        inference_dtype(runtime))
+                        "reloading it so", next(reference.parameters()).dtype, weights)
             del reference
             gc.collect()
-        reference = load_model(reference_path, runtime, for_inference=True)
+        reference = load_model(reference_path, runtime, for_inference=True, dtype=weights)
     values = sequence_token_logps(reference, sequences, runtime, pad_id, max_tokens, desc="reference pass")
     # Free the reference before the caller loads the policy.
     del reference

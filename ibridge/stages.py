@@ -77,7 +77,6 @@ def attach_reference(encoded: list[dict], kind: str, reference_path: Path, ctx, 
             ctx.runtime,
             pad_id,
             cache_root(ctx.cfg.model),
-            load_reference=lambda: load_model(reference_path, ctx.runtime),
         )
 
     # Under DDP rank 0 runs the reference pass and fills the cache; the others read it.

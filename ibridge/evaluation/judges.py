@@ -12,6 +12,7 @@ import logging
 import torch
 
 from ibridge.data.formatting import as_messages
+from ibridge.models import inference_dtype
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,10 @@ class RewardModelJudge:
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        # In the run's compute dtype (bf16 on GPUs): a judge only scores, and fp32 weights
+        # under autocast would hold two copies of every weight.
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            str(path), use_safetensors=True, trust_remote_code=trust, dtype=torch.float32
+            str(path), use_safetensors=True, trust_remote_code=trust, dtype=inference_dtype(runtime)
         ).to(runtime.device).eval()
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
