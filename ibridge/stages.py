@@ -127,7 +127,11 @@ def load_trainable(init_path: Path, ctx):
     model = load_model(init_path, runtime, on_device=not runtime.dist.sharded, dtype=frozen_dtype)
     if bool(cfg.trainer.get("gradient_checkpointing", False)):
         model.config.use_cache = False
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers >= 5.x names it activation checkpointing; older releases gradient checkpointing.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if lora:
             model.enable_input_require_grads()
     if lora:

@@ -1,0 +1,126 @@
+"""Settings that matter on GPUs, checked on the CPU: gradient checkpointing, no KV cache in
+training, precision choices, and the collectives' devices (issue 14, items 1, 7, 8)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import ibridge.distributed as distributed
+from ibridge.config import ConfigError, validate
+from ibridge.distributed import DistInfo, all_reduce_sum, parameter_checksums, process_group_backend
+from ibridge.objectives import build_objective
+from ibridge.runtime import Runtime, resolve_runtime
+from ibridge.stages import demonstration_step, load_trainable
+from ibridge.training import OptimSettings, optimise
+from tests.conftest import compose_config
+from tests.weighting_case import PAD, examples
+
+CPU = Runtime(device=torch.device("cpu"), precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=64, attn_implementation="eager")
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def _ctx(checkpointing: bool, lora: bool = False):
+    cfg = OmegaConf.create({
+        "trainer": {"gradient_checkpointing": checkpointing},
+        "model": {"lora": {"enabled": lora, "r": 4, "alpha": 8, "dropout": 0.0,
+                           "target_modules": ["q_proj", "v_proj"]}},
+    })
+    return SimpleNamespace(cfg=cfg, runtime=CPU)
+
+
+def _train(model, steps: int = 3):
+    from ibridge.data.collate import collate_demonstrations
+
+    sft = build_objective({"name": "sft"})
+    settings = OptimSettings(lr=1e-2, max_steps=steps, batch_size=3, log_every=1, pack_sequences=False)
+    optimise(model, examples("sft"), lambda items: collate_demonstrations(items, PAD), demonstration_step(sft),
+             settings, CPU)
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_gradient_checkpointing_trains_exactly_as_without(tiny_folder):
+    torch.set_num_threads(1)
+    plain = load_trainable(tiny_folder, _ctx(False))
+    checkpointed = load_trainable(tiny_folder, _ctx(True))
+    flag = "is_activation_checkpointing" if hasattr(plain, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    assert getattr(checkpointed, flag) and not getattr(plain, flag)
+    before = {name: p.detach().clone() for name, p in plain.named_parameters()}
+    after_plain, after_ckpt = _train(plain), _train(checkpointed)
+    assert any(not torch.equal(before[n], after_plain[n]) for n in before)
+    for name, value in after_plain.items():
+        torch.testing.assert_close(after_ckpt[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_lora_with_gradient_checkpointing_trains_its_adapters(tiny_folder):
+    model = load_trainable(tiny_folder, _ctx(True, lora=True))
+    adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert adapters and all("lora_" in n for n in adapters)
+    after = _train(model, steps=2)
+    assert any(not torch.equal(adapters[n], after[n]) for n in adapters)
+
+
+def test_training_forwards_build_no_kv_cache(tiny_folder):
+    model = load_trainable(tiny_folder, _ctx(False))
+    seen = []
+    model.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(kwargs.get("use_cache")), with_kwargs=True)
+    _train(model, steps=1)
+    assert seen and all(flag is False for flag in seen)
+
+
+def test_fp16_outside_deepspeed_is_a_config_error_and_inside_it_is_not():
+    with pytest.raises(ConfigError, match="trainer.precision=fp16"):
+        validate(compose_config(["trainer.precision=fp16"]))
+    validate(compose_config(["trainer=deepspeed", "trainer.precision=fp16"]))
+
+
+def test_auto_precision_never_picks_emulated_bf16(monkeypatch):
+    # A pre-Ampere GPU: bf16 "supported" only through emulation.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    runtime = resolve_runtime(OmegaConf.create({"device": "cuda", "precision": "auto", "attn_implementation": "eager"}))
+    assert runtime.precision == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere and later
+    runtime = resolve_runtime(OmegaConf.create({"device": "cuda", "precision": "auto", "attn_implementation": "eager"}))
+    assert runtime.precision == "bf16"
+
+
+def test_gpu_process_groups_take_cpu_tensors_too():
+    assert process_group_backend("cuda") == "cpu:gloo,cuda:nccl"
+    assert process_group_backend("cpu") == "gloo"
+
+
+def test_ibridges_collectives_build_their_tensors_on_the_collective_device(monkeypatch, tiny_folder):
+    # NCCL accepts only CUDA tensors: every collective of ibridge's own must place its tensor on
+    # DistInfo.collective_device. Recorded through spies standing in for a device-only backend.
+    devices = []
+
+    def all_reduce(tensor, op=None):
+        devices.append(str(tensor.device))
+
+    def all_gather(outputs, tensor):
+        devices.append(str(tensor.device))
+        for out in outputs:
+            out.copy_(tensor)
+
+    monkeypatch.setattr(distributed.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(distributed.dist, "all_gather", all_gather)
+    info = DistInfo(world_size=2, mode="ddp", collective_device="cpu")
+    assert all_reduce_sum([1.0, 2.0], info) == [1.0, 2.0]
+    model = LlamaForCausalLM.from_pretrained(tiny_folder)
+    first, second = parameter_checksums(model, info)
+    assert first == second > 0
+    assert devices == ["cpu", "cpu"]
