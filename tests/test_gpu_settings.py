@@ -124,3 +124,12 @@ def test_ibridges_collectives_build_their_tensors_on_the_collective_device(monke
     first, second = parameter_checksums(model, info)
     assert first == second > 0
     assert devices == ["cpu", "cpu"]
+
+
+def test_deepspeed_reduces_and_accumulates_gradients_in_fp32():
+    from ibridge.zero import engine_config
+
+    config = engine_config(batch_size=2, grad_accum=4, max_grad_norm=1.0, precision="bf16", zero_stage=3)
+    assert config["bf16"] == {"enabled": True}
+    assert config["communication_data_type"] == "fp32"
+    assert config["data_types"] == {"grad_accum_dtype": "fp32"}

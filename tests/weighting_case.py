@@ -71,7 +71,7 @@ def one_batch_gradient(kind: str) -> tuple[float, dict[str, torch.Tensor]]:
     _, compute, collate, _ = parts(kind)
     out = compute(model, collate(examples(kind)))
     out.loss.backward()
-    return float(out.loss), {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    return float(out.loss.detach()), {name: p.grad.detach().clone() for name, p in model.named_parameters()}
 
 
 def loop_gradient(kind: str, batch_size: int, grad_accum: int, runtime, monkeypatch=None) -> tuple[float, dict]:
