@@ -87,7 +87,9 @@ def attach_reference(encoded: list[dict], kind: str, reference_path: Path, ctx, 
 def drift_evaluator(ctx, tokenizer, reference_path: Path):
     """`kl/token` on held-out demonstrations: exact KL(pi || pi_ref) per prefix (DESIGN.md §1).
 
-    The reference model is loaded on first use and kept for the stage's later evaluations.
+    The reference model is loaded on first use and kept for the stage's later evaluations
+    (whole, fp32, on every rank). Every rank calls `evaluate`: each scores its share of the
+    held-out batches and the sums are all-reduced (``token_kl`` with ``shard``).
     """
     heldout_examples = ctx.source.examples("heldout_demonstrations")
     if not heldout_examples:
@@ -98,7 +100,8 @@ def drift_evaluator(ctx, tokenizer, reference_path: Path):
     def evaluate(model) -> dict:
         if not reference:
             reference.append(load_model(reference_path, ctx.runtime))
-        return {"kl/token": token_kl(model, reference[0], heldout, ctx.runtime, tokenizer.pad_token_id)}
+        return {"kl/token": token_kl(model, reference[0], heldout, ctx.runtime, tokenizer.pad_token_id,
+                                     shard=ctx.runtime.dist)}
 
     return evaluate
 

@@ -126,7 +126,8 @@ def optimise(
     lengths and the number of processes; every epoch sees every example once.
 
     `evaluate(model)`, when given, runs every `settings.eval_every` steps and after
-    the last one (in eval mode, without gradients); its metrics are logged at that step.
+    the last one (in eval mode, without gradients), on every rank; its metrics are logged
+    at that step.
 
     With `state_dir`, the full training state is saved every `settings.save_every`
     steps (and on SIGTERM), and a state found there is resumed: model, optimiser,
@@ -249,8 +250,8 @@ def optimise(
                 window_tokens = 0
                 window_start = now
             due = settings.eval_every > 0 and step % settings.eval_every == 0
-            # Rank 0 evaluates; under FSDP every forward is collective, so every rank does.
-            if evaluate is not None and (due or step == total) and (dist_info.is_main or dist_info.sharded):
+            # Every rank evaluates (its share; under FSDP every forward is a collective anyway).
+            if evaluate is not None and (due or step == total):
                 model.eval()
                 with torch.no_grad():
                     eval_metrics = evaluate(model)
