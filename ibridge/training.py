@@ -193,11 +193,12 @@ def optimise(
         trained = PackedForward(trained)
 
     def save(step: int) -> None:
-        # Under FSDP every rank takes part in gathering the state; rank 0 alone writes it.
-        if state_dir is not None and (dist_info.is_main or gathered_states):
-            extra = {"bookmark": bookmark() if bookmark else {}, "tokens": tokens}
+        # Every rank calls (under FSDP each takes part in gathering the state); rank 0 alone
+        # writes it, and the others wait for it in save_state's barrier.
+        if state_dir is not None:
+            extra = {"bookmark": bookmark() if bookmark and dist_info.is_main else {}, "tokens": tokens}
             save_state(state_dir, model, optimizer, scheduler, step, extra, sharded=gathered_states,
-                       write=dist_info.is_main)
+                       write=dist_info.is_main, info=dist_info)
 
     # Per key: [sum of values, count] over this rank's real micro-batches (or steps) since the last log.
     window: dict[str, list] = defaultdict(lambda: [0.0, 0.0])
