@@ -61,7 +61,10 @@ def evaluate_checkpoint(
     if ev.num_prompts > 0:
         examples = examples[: ev.num_prompts]
     prompts = [example["prompt"] for example in examples]
-    policy = load_model(policy_path, runtime)
+    # fp32 weights (the scoring is float32, DESIGN.md §3) that need no gradients: autocast
+    # keeps a bf16 copy of every weight only for leaves that require grad, so generation under
+    # autocast then casts layer by layer instead of holding a second copy of the model.
+    policy = load_model(policy_path, runtime).requires_grad_(False)
     generations = generate(
         policy, tokenizer, prompts, runtime, ev.max_new_tokens, ev.batch_size, ev.do_sample, ev.temperature,
         desc=f"generate ({generator})" if main else None, seed=int(cfg.seed), shard=info,
@@ -109,7 +112,7 @@ def evaluate_checkpoint(
     _release()
 
     if reference_path is not None:
-        reference = load_model(reference_path, runtime)
+        reference = load_model(reference_path, runtime).requires_grad_(False)
         metrics["kl_to_ref"], metrics["kl_to_ref_se"] = kl_from_logps(
             drift["policy_samples"], sequence_logps(reference, sampled, runtime, pad, info))
         # A KL over responses cut at this many tokens, not over complete responses.
