@@ -18,8 +18,8 @@ Under torchrun every rank calls :func:`save_state` and returns only once rank 0 
 published the state: the others wait in one barrier right after the write, bounded by
 the process group's timeout (``trainer.dist_timeout_min``, default 60 min), rather than
 in whatever collective comes next (a rank stopping on SIGTERM would otherwise exit, and
-torchrun would kill rank 0, before the state it stopped for was written). Rank 0 logs how
-long the write took and warns when it came within half of that timeout.
+torchrun could stop rank 0, before the state it stopped for was written). Rank 0 logs how
+long the write took and warns when it took over half of that timeout.
 (torch.distributed.checkpoint's own format, each rank writing its shard, was not used: its
 metadata is a pickle, which ibridge does not load.)
 """
