@@ -11,18 +11,33 @@ state or the new one, never half of one.
 Under FSDP (``sharded=True``) the model and optimiser state are gathered to full
 tensors keyed by parameter name (torch.distributed.checkpoint's full state dict)
 and written by rank 0 in the same files; on resume every rank reads them and keeps
-its own shard.
+its own shard. The format is the same whatever the number of ranks, so a state saved
+by 8 ranks resumes on 4.
+
+Under torchrun every rank calls :func:`save_state` and returns only once rank 0 has
+published the state: the others wait in one barrier right after the write, bounded by
+the process group's timeout (``trainer.dist_timeout_min``, default 60 min), rather than
+in whatever collective comes next (a rank stopping on SIGTERM would otherwise exit, and
+torchrun could stop rank 0, before the state it stopped for was written). Rank 0 logs how
+long the write took and warns when it took over half of that timeout.
+(torch.distributed.checkpoint's own format, each rank writing its shard, was not used: its
+metadata is a pickle, which ibridge does not load.)
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ibridge.distributed import DistInfo, barrier
 from ibridge.io import publish_dir, staging_dir
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
 
@@ -49,14 +64,30 @@ def _gathered_states(model, optimizer) -> tuple[dict, dict]:
 
 
 def save_state(final_dir: Path, model, optimizer, scheduler, step: int, extra: dict, *,
-               sharded: bool = False, write: bool = True) -> None:
-    """Write the state (`write`: rank 0); under FSDP every rank must call it (`sharded`)."""
-    from safetensors.torch import save_model
-
+               sharded: bool = False, write: bool = True, info: DistInfo | None = None) -> None:
+    """Write the state (`write`: rank 0). Under FSDP every rank must call it (`sharded`: the
+    state is gathered); with `info` of several ranks every rank must call it, and all return
+    once the state is published."""
     if sharded:
         model_state, optimizer_state = _gathered_states(model, optimizer)
-    if not write:
-        return
+    else:
+        model_state, optimizer_state = None, None
+    if write:
+        started = time.perf_counter()
+        _write_state(final_dir, model, optimizer, scheduler, step, extra, model_state, optimizer_state)
+        seconds = time.perf_counter() - started
+        log.info("resumable state at step %d written in %.1f s (%s)", step, seconds, final_dir)
+        if info is not None and info.enabled and seconds > 30 * info.timeout_min:
+            log.warning("writing the resumable state took %.0f s, over half of trainer.dist_timeout_min=%g min "
+                        "that the other ranks wait: raise it, or save less often", seconds, info.timeout_min)
+    if info is not None:
+        barrier(info)  # the others wait here, not in the next step's collective
+
+
+def _write_state(final_dir, model, optimizer, scheduler, step, extra, model_state, optimizer_state) -> None:
+    from safetensors.torch import save_model
+
+    sharded = model_state is not None
     tmp = staging_dir(final_dir)
     if sharded:
         save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))

@@ -48,6 +48,9 @@ class DistInfo:
     # Where tensors handed to collectives live: NCCL takes only CUDA tensors, so every
     # collective of ibridge's own (counts, metrics, checksums) builds its tensor here.
     collective_device: str = "cpu"
+    # The process group's timeout (trainer.dist_timeout_min): how long a rank may wait in a
+    # collective for the others, e.g. while rank 0 writes a resumable state.
+    timeout_min: float = DEFAULT_TIMEOUT_MIN
 
     @property
     def is_main(self) -> bool:
@@ -96,7 +99,8 @@ def init_distributed(trainer_cfg) -> DistInfo:
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, mode=mode,
                     reshard_after_forward=bool(fsdp_cfg.get("reshard_after_forward", True)),
                     zero_stage=int((trainer_cfg.get("deepspeed") or {}).get("zero_stage", 0)) if mode == "deepspeed" else 0,
-                    collective_device=f"cuda:{local_rank}" if on_gpu else "cpu")
+                    collective_device=f"cuda:{local_rank}" if on_gpu else "cpu",
+                    timeout_min=timeout.total_seconds() / 60)
 
 
 def barrier(info: DistInfo) -> None:
@@ -112,6 +116,48 @@ def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=info.collective_device)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.tolist()
+
+
+def shard_of(n: int, info: DistInfo) -> range:
+    """This rank's share of `n` work items (batches, prompt blocks): every `world_size`-th
+    one from its rank on. Round-robin over items already sorted by size (the token-budget
+    batches are) gives each rank the same mix of long and short ones."""
+    return range(info.rank, n, info.world_size) if info.enabled else range(n)
+
+
+def all_gather_objects(value, info: DistInfo) -> list:
+    """Every rank's `value` (any picklable object: CPU tensors, lists, dicts), in rank
+    order, on every rank. Objects travel through the CPU side of the process group (gloo;
+    ``cpu:gloo,cuda:nccl`` on GPUs), so nothing is copied to a GPU."""
+    if not info.enabled:
+        return [value]
+    out: list = [None] * info.world_size
+    dist.all_gather_object(out, value)
+    return out
+
+
+def broadcast_from_main(value, info: DistInfo):
+    """Rank 0's `value` on every rank (the others pass anything, e.g. None)."""
+    if not info.enabled:
+        return value
+    box = [value if info.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def merge_shares(partial: list, info: DistInfo) -> list:
+    """The whole list on every rank, from each rank's `partial` copy: the same length
+    everywhere, filled (not None) at the positions that rank computed, None elsewhere."""
+    if not info.enabled:
+        return partial
+    merged = list(partial)
+    for share in all_gather_objects({i: v for i, v in enumerate(partial) if v is not None}, info):
+        for index, value in share.items():
+            merged[index] = value
+    missing = sum(value is None for value in merged)
+    if missing:
+        raise RuntimeError(f"merge_shares: {missing} of {len(merged)} items were computed by no rank")
+    return merged
 
 
 def require_deepspeed():

@@ -11,6 +11,11 @@ step costs.
 The pass itself scores only: weights in the run's compute dtype
 (``load_model(..., for_inference=True)``), no KV cache, float32 log-probs chunk by
 chunk (``ibridge.objectives.logprobs``), and batches bounded by padded tokens, not rows.
+
+Under torchrun the pass is sharded: every rank loads the reference whole and scores its
+share of the batches (the same batches one process would form, so the same numbers), the
+values are gathered to every rank, and rank 0 alone looks the cache up and writes it (its
+decision is broadcast, so all ranks take the same branch).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ibridge.data.collate import pad_sequences
+from ibridge.distributed import DistInfo, all_gather_objects, broadcast_from_main, shard_of
 from ibridge.fingerprint import model_fingerprint, numerics_fingerprint
 from ibridge.models import load_model, reference_pass_dtype
 from ibridge.objectives.logprobs import token_logps
@@ -104,17 +110,25 @@ def sequence_token_logps(
     pad_id: int,
     max_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     desc: str | None = None,
+    shard: DistInfo | None = None,
 ) -> list[torch.Tensor]:
     """Per-sequence log-probs at each shifted position, (len(input_ids) - 1,) float32, 0.0 where unscored.
 
     Scoring only: no KV cache (``use_cache=False``), batches of at most `max_tokens` padded
     tokens (:func:`token_budget_batches`), log-probs in float32 chunks (``token_logps``).
+
+    With `shard` (several ranks, every one calling), each rank scores every world_size-th
+    batch of the one-process plan and the values are gathered: every rank returns the whole
+    list, each value from the same batch (same padding) as in one process. `model` must be
+    whole on every rank (no collective in its forward: ranks run different numbers of batches).
     """
     was_training = model.training
     model.eval()
     lengths = [len(seq["input_ids"]) for seq in sequences]
     out: list[torch.Tensor | None] = [None] * len(sequences)
     batches = token_budget_batches(lengths, max_tokens)
+    if shard is not None and shard.enabled:
+        batches = [batches[k] for k in shard_of(len(batches), shard)]
     for chunk in tqdm(batches, desc=desc, unit="batch", disable=desc is None, dynamic_ncols=True):
         batch = pad_sequences([sequences[i] for i in chunk], pad_id)
         batch = {key: value.to(runtime.device) for key, value in batch.items()}
@@ -128,17 +142,44 @@ def sequence_token_logps(
         for row, index in enumerate(chunk):
             out[index] = logps[row, : lengths[index] - 1].clone()
     model.train(was_training)
+    if shard is not None and shard.enabled:
+        out = _gathered(out, shard)
     return out  # type: ignore[return-value]
 
 
-def _read(file: Path, n_sequences: int) -> list[torch.Tensor] | None:
+def _flat(values: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """Variable-length values as one tensor and their lengths: one object to store or send."""
+    flat = torch.cat(values).contiguous() if values else torch.zeros(0, dtype=torch.float32)
+    return flat, [len(v) for v in values]
+
+
+def _split(flat: torch.Tensor, lengths: list[int]) -> list[torch.Tensor]:
+    return list(torch.split(flat, lengths)) if lengths else []
+
+
+def _gathered(partial: list[torch.Tensor | None], info: DistInfo) -> list[torch.Tensor]:
+    """Each rank's computed values (None elsewhere) merged into the whole list on every rank.
+    One flat tensor per rank travels (pickling 10^5 small tensors one by one costs more)."""
+    mine = [i for i, value in enumerate(partial) if value is not None]
+    merged = list(partial)
+    for indices, flat, lengths in all_gather_objects((mine, *_flat([partial[i] for i in mine])), info):
+        for index, value in zip(indices, _split(flat, lengths), strict=True):
+            merged[index] = value
+    missing = sum(value is None for value in merged)
+    if missing:
+        raise RuntimeError(f"reference pass: {missing} of {len(merged)} sequences were scored by no rank")
+    return merged  # type: ignore[return-value]
+
+
+def _read(file: Path, n_sequences: int) -> tuple[torch.Tensor, list[int]] | None:
+    """A cache entry as ``(flat, lengths)``; None when absent or malformed."""
     if not file.is_file():
         return None
     stored = load_file(str(file))
     flat, lengths = stored["flat"], stored["lengths"].tolist()
     if len(lengths) == n_sequences:
         log.info("reference log-probs: cache hit %s", file.name)
-        return list(torch.split(flat, lengths))
+        return flat, lengths
     log.warning("reference log-probs: ignoring malformed cache file %s", file)
     return None
 
@@ -147,7 +188,8 @@ def _write(file: Path, values: list[torch.Tensor]) -> None:
     file.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=file.parent, suffix=".tmp")
     os.close(fd)
-    save_file({"flat": torch.cat(values).contiguous(), "lengths": torch.tensor([len(v) for v in values])}, tmp)
+    flat, lengths = _flat(values)
+    save_file({"flat": flat, "lengths": torch.tensor(lengths, dtype=torch.long)}, tmp)
     os.replace(tmp, file)
 
 
@@ -168,16 +210,27 @@ def cached_reference_logps(
     :func:`ibridge.models.reference_pass_dtype` names (the numerics training runs with), the
     dtype the key names: a loader that gives other weights is replaced by that default. The
     model is freed before returning.
+
+    Under torchrun every rank calls it and every rank returns the same values. Rank 0 alone
+    fingerprints the reference, reads and writes the cache (the cache folder need not be
+    shared between nodes); its hit or miss is broadcast. A hit is sent to the others; on a
+    miss every rank loads the reference whole and scores its share of the batches
+    (:func:`sequence_token_logps` with ``shard``), gathered to every rank.
     """
+    info = runtime.dist
     cache_dir = Path(cache_dir).expanduser()
     folder = cache_dir / "reflogps"
-    model_print = model_fingerprint(reference_path, cache_dir)
-    if model_print is None:  # an uncached hub name: its revision is known only once loaded
-        log.info("reference log-probs: %s is not available locally; no cache lookup", reference_path)
-    else:
-        cached = _read(folder / f"{reference_cache_key(model_print, sequences, runtime)}.safetensors", len(sequences))
-        if cached is not None:
-            return cached
+    model_print, cached = None, None
+    if info.is_main:
+        model_print = model_fingerprint(reference_path, cache_dir)
+        if model_print is None:  # an uncached hub name: its revision is known only once loaded
+            log.info("reference log-probs: %s is not available locally; no cache lookup", reference_path)
+        else:
+            key = reference_cache_key(model_print, sequences, runtime)
+            cached = _read(folder / f"{key}.safetensors", len(sequences))
+    # Rank 0's decision on every rank: all of them take the same branch (and collectives).
+    if broadcast_from_main(cached is not None, info):
+        return _split(*broadcast_from_main(cached, info))
     reference = load_reference() if load_reference is not None else None
     weights = reference_pass_dtype(runtime)
     if reference is None or next(reference.parameters()).dtype != weights:
@@ -189,12 +242,17 @@ def cached_reference_logps(
             del reference
             gc.collect()
         reference = load_model(reference_path, runtime, for_inference=True, dtype=weights)
-    values = sequence_token_logps(reference, sequences, runtime, pad_id, max_tokens, desc="reference pass")
+    if info.enabled:
+        log.info("reference pass: %d sequences sharded over %d ranks", len(sequences), info.world_size)
+    values = sequence_token_logps(reference, sequences, runtime, pad_id, max_tokens,
+                                  desc="reference pass" if info.is_main else None, shard=info)
     # Free the reference before the caller loads the policy.
     del reference
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    if not info.is_main:
+        return values
     model_print = model_print or model_fingerprint(reference_path, cache_dir)
     if model_print is None:
         log.warning("reference log-probs: %s still not resolvable to local files; not cached", reference_path)

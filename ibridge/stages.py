@@ -65,26 +65,15 @@ def loss_units(objective):
 
 
 def attach_reference(encoded: list[dict], kind: str, reference_path: Path, ctx, pad_id: int) -> None:
-    """Add cached reference log-probs to each encoded example (in place)."""
+    """Add cached reference log-probs to each encoded example (in place).
+
+    Every rank calls it: on a cache miss each scores its share of the sequences and all get
+    every value (``cached_reference_logps``), so no rank idles in a collective meanwhile."""
     if kind == "demonstrations":
         sequences = encoded
     else:
         sequences = [ex["chosen"] for ex in encoded] + [ex["rejected"] for ex in encoded]
-    def lookup():
-        return cached_reference_logps(
-            reference_path,
-            sequences,
-            ctx.runtime,
-            pad_id,
-            cache_root(ctx.cfg.model),
-        )
-
-    # Under DDP rank 0 runs the reference pass and fills the cache; the others read it.
-    dist_info = ctx.runtime.dist
-    values = lookup() if dist_info.is_main else None
-    barrier(dist_info)
-    if values is None:
-        values = lookup()
+    values = cached_reference_logps(reference_path, sequences, ctx.runtime, pad_id, cache_root(ctx.cfg.model))
     if kind == "demonstrations":
         for example, value in zip(encoded, values, strict=True):
             example["ref_logps"] = value
@@ -98,7 +87,9 @@ def attach_reference(encoded: list[dict], kind: str, reference_path: Path, ctx, 
 def drift_evaluator(ctx, tokenizer, reference_path: Path):
     """`kl/token` on held-out demonstrations: exact KL(pi || pi_ref) per prefix (DESIGN.md §1).
 
-    The reference model is loaded on first use and kept for the stage's later evaluations.
+    The reference model is loaded on first use and kept for the stage's later evaluations
+    (whole, fp32, on every rank). Every rank calls `evaluate`: each scores its share of the
+    held-out batches and the sums are all-reduced (``token_kl`` with ``shard``).
     """
     heldout_examples = ctx.source.examples("heldout_demonstrations")
     if not heldout_examples:
@@ -109,7 +100,8 @@ def drift_evaluator(ctx, tokenizer, reference_path: Path):
     def evaluate(model) -> dict:
         if not reference:
             reference.append(load_model(reference_path, ctx.runtime))
-        return {"kl/token": token_kl(model, reference[0], heldout, ctx.runtime, tokenizer.pad_token_id)}
+        return {"kl/token": token_kl(model, reference[0], heldout, ctx.runtime, tokenizer.pad_token_id,
+                                     shard=ctx.runtime.dist)}
 
     return evaluate
 

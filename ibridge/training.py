@@ -126,7 +126,8 @@ def optimise(
     lengths and the number of processes; every epoch sees every example once.
 
     `evaluate(model)`, when given, runs every `settings.eval_every` steps and after
-    the last one (in eval mode, without gradients); its metrics are logged at that step.
+    the last one (in eval mode, without gradients), on every rank; its metrics are logged
+    at that step.
 
     With `state_dir`, the full training state is saved every `settings.save_every`
     steps (and on SIGTERM), and a state found there is resumed: model, optimiser,
@@ -192,11 +193,12 @@ def optimise(
         trained = PackedForward(trained)
 
     def save(step: int) -> None:
-        # Under FSDP every rank takes part in gathering the state; rank 0 alone writes it.
-        if state_dir is not None and (dist_info.is_main or gathered_states):
-            extra = {"bookmark": bookmark() if bookmark else {}, "tokens": tokens}
+        # Every rank calls (under FSDP each takes part in gathering the state); rank 0 alone
+        # writes it, and the others wait for it in save_state's barrier.
+        if state_dir is not None:
+            extra = {"bookmark": bookmark() if bookmark and dist_info.is_main else {}, "tokens": tokens}
             save_state(state_dir, model, optimizer, scheduler, step, extra, sharded=gathered_states,
-                       write=dist_info.is_main)
+                       write=dist_info.is_main, info=dist_info)
 
     # Per key: [sum of values, count] over this rank's real micro-batches (or steps) since the last log.
     window: dict[str, list] = defaultdict(lambda: [0.0, 0.0])
@@ -249,8 +251,8 @@ def optimise(
                 window_tokens = 0
                 window_start = now
             due = settings.eval_every > 0 and step % settings.eval_every == 0
-            # Rank 0 evaluates; under FSDP every forward is collective, so every rank does.
-            if evaluate is not None and (due or step == total) and (dist_info.is_main or dist_info.sharded):
+            # Every rank evaluates (its share; under FSDP every forward is a collective anyway).
+            if evaluate is not None and (due or step == total):
                 model.eval()
                 with torch.no_grad():
                     eval_metrics = evaluate(model)

@@ -21,7 +21,8 @@ from ibridge.runtime import Runtime
 
 CPU_FP32 = Runtime(device=torch.device("cpu"), precision="fp32")
 CPU_BF16 = Runtime(device=torch.device("cpu"), precision="bf16")
-CPU_BF16_FSDP = Runtime(device=torch.device("cpu"), precision="bf16", dist=DistInfo(world_size=2, mode="fsdp"))
+# The mode alone decides the dtype; one rank, so no process group is needed.
+CPU_BF16_FSDP = Runtime(device=torch.device("cpu"), precision="bf16", dist=DistInfo(world_size=1, mode="fsdp"))
 PAD = 0
 
 

@@ -14,6 +14,10 @@
 All three run in float32 whatever `trainer.precision` says (as `ibridge qlogit`
 does): they are differences of log-probs of two close models, and bf16 logits
 (resolution 1/16 at 10) would bury those differences in rounding.
+
+Under torchrun each takes ``shard`` (the run's DistInfo; every rank calls): every rank
+scores its share of the one-process batches and the sums are gathered, so each rank
+returns the value one process computes (up to the order of float64 additions).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ibridge.data.collate import pad_sequences
+from ibridge.distributed import DistInfo, all_reduce_sum, shard_of
 from ibridge.evaluation.stats import mean_and_stderr, preferences_from_scores
 from ibridge.refcache import sequence_token_logps
 from ibridge.runtime import Runtime
@@ -55,9 +60,23 @@ def _token_batches(sequences: list[dict], max_tokens: int) -> list[list[int]]:
     return batches
 
 
+def _my_batches(batches: list[list[int]], shard: DistInfo | None) -> list[tuple[list[int], bool]]:
+    """``(batch, counted)`` for this rank: its round-robin share of `batches`. Where the
+    policy's forward is itself a collective (FSDP, ZeRO-3: `shard.sharded`), every rank must
+    run as many forwards as the others, so a rank with one batch fewer runs a stand-in
+    (counted=False: its result is dropped)."""
+    if shard is None or not shard.enabled:
+        return [(batch, True) for batch in batches]
+    mine = [(batches[k], True) for k in shard_of(len(batches), shard)]
+    if shard.sharded and batches:
+        rounds = -(-len(batches) // shard.world_size)  # the most batches any rank has
+        mine += [(batches[0], False)] * (rounds - len(mine))
+    return mine
+
+
 @torch.no_grad()
 def token_kl(policy, reference, sequences: list[dict], runtime: Runtime, pad_id: int,
-             max_tokens: int | None = None) -> float:
+             max_tokens: int | None = None, shard: DistInfo | None = None) -> float:
     """Mean exact KL(pi(.|s_t) || pi_ref(.|s_t)) over the scored positions of `sequences`.
 
     Float32 without autocast, no KV cache. Memory: batches of at most `max_tokens` padded
@@ -66,13 +85,16 @@ def token_kl(policy, reference, sequences: list[dict], runtime: Runtime, pad_id:
     plus a few (rows, V) float32 blocks of `CHUNK_ELEMENTS` each, where the log-softmaxes
     and the KL are computed chunk by chunk over the scored positions only (as
     `objectives/logprobs.py` does) — never a full (B, T, V) log-softmax.
+
+    With `shard`, each rank takes its share of the batches (:func:`_my_batches`) and the
+    sum and count are all-reduced: every rank returns the mean over all sequences.
     """
     max_tokens = int(max_tokens or TOKEN_BUDGET)
     total = torch.zeros((), dtype=torch.float64)
     count = 0
     policy.eval()
     reference.eval()
-    for chunk in _token_batches(sequences, max_tokens):
+    for chunk, counted in _my_batches(_token_batches(sequences, max_tokens), shard):
         batch = pad_sequences([sequences[i] for i in chunk], pad_id)
         batch = {key: value.to(runtime.device) for key, value in batch.items()}
         kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
@@ -86,6 +108,8 @@ def token_kl(policy, reference, sequences: list[dict], runtime: Runtime, pad_id:
         flat_pi = logits_pi.reshape(-1, vocab)  # (B*T, V): a view, no copy
         flat_ref = logits_ref.reshape(-1, vocab)
         step = max(1, CHUNK_ELEMENTS // vocab)
+        if not counted:  # a stand-in: its forwards kept the collectives paired; nothing to add
+            rows = rows[:0]
         for start in range(0, rows.numel(), step):
             index = rows[start : start + step]
             logp = F.log_softmax(flat_pi[index].float(), dim=-1)  # (n, V)
@@ -95,6 +119,9 @@ def token_kl(policy, reference, sequences: list[dict], runtime: Runtime, pad_id:
             del logp, logq
         count += int(rows.numel())
         del logits_pi, logits_ref, flat_pi, flat_ref
+    if shard is not None and shard.enabled:
+        summed, count = all_reduce_sum([float(total), float(count)], shard)
+        return summed / max(count, 1.0)
     return float(total) / max(count, 1)
 
 
@@ -109,28 +136,50 @@ def response_sequences(generations: list[dict]) -> list[dict]:
     return out
 
 
-def sequence_logps(model, sequences, runtime, pad_id) -> np.ndarray:
-    """log pi(y|x) of each sequence, float32 forward passes (no autocast) whatever `runtime` says."""
-    return np.array([float(v.sum()) for v in sequence_token_logps(model, sequences, fp32(runtime), pad_id)])
+def sequence_logps(model, sequences, runtime, pad_id, shard: DistInfo | None = None) -> np.ndarray:
+    """log pi(y|x) of each sequence, float32 forward passes (no autocast) whatever `runtime` says;
+    with `shard`, each rank its share of the batches, every rank gets all values."""
+    values = sequence_token_logps(model, sequences, fp32(runtime), pad_id, shard=shard)
+    return np.array([float(v.sum()) for v in values])
 
 
-def sampled_kl(policy, reference, samples: list[dict], runtime: Runtime, pad_id: int) -> tuple[float, float]:
+def kl_from_logps(policy_logps: np.ndarray, reference_logps: np.ndarray) -> tuple[float, float]:
+    """Monte-Carlo KL(pi || pi_ref) and its standard error from log pi(y|x) and log pi_ref(y|x)
+    of responses y ~ pi (each model scored on its own, so only one need be in memory)."""
+    return mean_and_stderr(np.asarray(policy_logps) - np.asarray(reference_logps))
+
+
+def implicit_accuracy_from_logps(policy: tuple[np.ndarray, np.ndarray],
+                                 reference: tuple[np.ndarray, np.ndarray]) -> float:
+    """Share of pairs whose implicit reward log pi/pi_ref ranks chosen above rejected (ties
+    half), from each model's ``(log p(chosen), log p(rejected))``."""
+    r_chosen = np.asarray(policy[0]) - np.asarray(reference[0])
+    r_rejected = np.asarray(policy[1]) - np.asarray(reference[1])
+    return float(np.mean(preferences_from_scores(r_chosen, r_rejected)))
+
+
+def pair_logps(model, pairs: list[dict], runtime: Runtime, pad_id: int,
+               shard: DistInfo | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(log p(chosen), log p(rejected))`` of each pair under `model`, float32."""
+    chosen = sequence_logps(model, [pair["chosen"] for pair in pairs], runtime, pad_id, shard)
+    rejected = sequence_logps(model, [pair["rejected"] for pair in pairs], runtime, pad_id, shard)
+    return chosen, rejected
+
+
+def sampled_kl(policy, reference, samples: list[dict], runtime: Runtime, pad_id: int,
+               shard: DistInfo | None = None) -> tuple[float, float]:
     """Monte-Carlo KL(pi || pi_ref) over responses sampled from pi, with its standard error.
 
     The responses are whatever `samples` holds, so with generation capped at
     `max_new_tokens` this is the KL over responses truncated there.
     """
     sequences = response_sequences(samples)
-    ratio = sequence_logps(policy, sequences, runtime, pad_id) - sequence_logps(reference, sequences, runtime, pad_id)
-    return mean_and_stderr(ratio)
+    return kl_from_logps(sequence_logps(policy, sequences, runtime, pad_id, shard),
+                         sequence_logps(reference, sequences, runtime, pad_id, shard))
 
 
-def implicit_reward_accuracy(policy, reference, pairs: list[dict], runtime: Runtime, pad_id: int) -> float:
+def implicit_reward_accuracy(policy, reference, pairs: list[dict], runtime: Runtime, pad_id: int,
+                             shard: DistInfo | None = None) -> float:
     """Share of pairs whose implicit reward ranks chosen above rejected (ties half)."""
-    chosen = [pair["chosen"] for pair in pairs]
-    rejected = [pair["rejected"] for pair in pairs]
-    r_chosen = sequence_logps(policy, chosen, runtime, pad_id) - sequence_logps(reference, chosen, runtime, pad_id)
-    r_rejected = sequence_logps(policy, rejected, runtime, pad_id) - sequence_logps(
-        reference, rejected, runtime, pad_id
-    )
-    return float(np.mean(preferences_from_scores(r_chosen, r_rejected)))
+    return implicit_accuracy_from_logps(pair_logps(policy, pairs, runtime, pad_id, shard),
+                                        pair_logps(reference, pairs, runtime, pad_id, shard))

@@ -13,6 +13,7 @@ its context (see `judges.RewardModelJudge`).
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -20,8 +21,15 @@ import numpy as np
 import torch
 
 from ibridge.data.formatting import encode_split
+from ibridge.distributed import DistInfo, merge_shares, shard_of
 from ibridge.evaluation import stats
-from ibridge.evaluation.drift import implicit_reward_accuracy, sampled_kl
+from ibridge.evaluation.drift import (
+    implicit_accuracy_from_logps,
+    kl_from_logps,
+    pair_logps,
+    response_sequences,
+    sequence_logps,
+)
 from ibridge.evaluation.generate import generate
 from ibridge.evaluation.judges import build_judge
 from ibridge.io import write_json_atomic
@@ -32,25 +40,54 @@ from ibridge.runtime import Runtime
 def evaluate_checkpoint(
     cfg, source, policy_path: Path, reference_path: Path | None, runtime: Runtime, out_dir: Path, generator: str
 ) -> dict:
-    """Generate, judge and compare; writes generations.jsonl and alpaca_eval.json under `out_dir`."""
+    """Generate, judge and compare; writes generations.jsonl and alpaca_eval.json under `out_dir`.
+
+    Under torchrun every rank calls it and returns the same metrics: each rank generates,
+    judges and scores its share of the one-process batches (``shard`` below), the results
+    are gathered in prompt order, and rank 0 alone writes the files. The sampled responses
+    for `kl_to_ref` are drawn batch by batch from RNGs seeded by (`seed`, batch index)
+    (``generate.batch_seed``), so they do not depend on how the batches are split.
+
+    One model is in memory at a time: the policy (generations, samples, and its log-probs of
+    them and of the held-out pairs), then the judge, then the reference.
+    """
+    info = runtime.dist
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     ev = cfg.eval
+    main = info.is_main
     tokenizer = load_tokenizer(policy_path, runtime, cfg.model)
-    policy = load_model(policy_path, runtime)
+    pad = tokenizer.pad_token_id
     examples = source.examples("eval")
     if ev.num_prompts > 0:
         examples = examples[: ev.num_prompts]
     prompts = [example["prompt"] for example in examples]
+    # fp32 weights (the scoring is float32, DESIGN.md §3) that need no gradients: autocast
+    # keeps a bf16 copy of every weight only for leaves that require grad, so generation under
+    # autocast then casts layer by layer instead of holding a second copy of the model.
+    policy = load_model(policy_path, runtime).requires_grad_(False)
     generations = generate(
         policy, tokenizer, prompts, runtime, ev.max_new_tokens, ev.batch_size, ev.do_sample, ev.temperature,
-        desc=f"generate ({generator})",
+        desc=f"generate ({generator})" if main else None, seed=int(cfg.seed), shard=info,
     )
+    drift: dict = {}
+    if reference_path is not None:
+        # Responses y ~ pi for the sampled KL, and log pi of them and of the held-out pairs.
+        samples = generate(policy, tokenizer, prompts, runtime, ev.max_new_tokens, ev.batch_size, True, 1.0,
+                           desc="sample for KL" if main else None, seed=int(cfg.seed), shard=info)
+        sampled = response_sequences(samples)
+        drift["policy_samples"] = sequence_logps(policy, sampled, runtime, pad, info)
+        heldout = source.examples("heldout_pairs") if "heldout_pairs" in source.kinds else []
+        if heldout:
+            pairs, _ = encode_split(tokenizer, heldout, "preferences", cfg.model.max_length)
+            drift["policy_pairs"] = pair_logps(policy, pairs, runtime, pad, info)
+    del policy
+    _release()
+
     judge = build_judge(cfg.judge, runtime)
     outputs = [gen["text"] for gen in generations]
     references = [example["reference"] for example in examples]
-    verdicts = judge.score(prompts, outputs)
-    ref_verdicts = judge.score(prompts, references)
+    verdicts = _judged(judge, prompts, outputs, info)
+    ref_verdicts = _judged(judge, prompts, references, info)
     lengths = np.array([len(text.split()) for text in outputs])
     ref_lengths = np.array([len(text.split()) for text in references])
     metrics = {"avg_length": float(lengths.mean()), "num_prompts": len(prompts), "judge": judge.name,
@@ -71,27 +108,47 @@ def evaluate_checkpoint(
                 "lc_win_rate": stats.length_controlled_win_rate(prefs, lengths, ref_lengths),
             }
         )
+    del judge
+    _release()
+
     if reference_path is not None:
-        pad = tokenizer.pad_token_id
-        reference = load_model(reference_path, runtime)
-        # Sampled from an RNG seeded here, so the estimate depends on `seed` alone, not on
-        # what ran earlier in the process (a sweep's cells share one process).
-        devices = [runtime.device.index or 0] if runtime.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(int(cfg.seed))
-            samples = generate(
-                policy, tokenizer, prompts, runtime, ev.max_new_tokens, ev.batch_size, True, 1.0,
-                desc="sample for KL",
-            )
-        metrics["kl_to_ref"], metrics["kl_to_ref_se"] = sampled_kl(policy, reference, samples, runtime, pad)
+        reference = load_model(reference_path, runtime).requires_grad_(False)
+        metrics["kl_to_ref"], metrics["kl_to_ref_se"] = kl_from_logps(
+            drift["policy_samples"], sequence_logps(reference, sampled, runtime, pad, info))
         # A KL over responses cut at this many tokens, not over complete responses.
         metrics["kl_to_ref_truncated_at"] = int(ev.max_new_tokens)
-        heldout = source.examples("heldout_pairs") if "heldout_pairs" in source.kinds else []
-        if heldout:
-            pairs, _ = encode_split(tokenizer, heldout, "preferences", cfg.model.max_length)
-            metrics["implicit_reward_acc"] = implicit_reward_accuracy(policy, reference, pairs, runtime, pad)
-    _write_generations(out_dir, examples, outputs, verdicts, ref_verdicts, prefs, generator)
+        if "policy_pairs" in drift:
+            metrics["implicit_reward_acc"] = implicit_accuracy_from_logps(
+                drift["policy_pairs"], pair_logps(reference, pairs, runtime, pad, info))
+        del reference
+        _release()
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_generations(out_dir, examples, outputs, verdicts, ref_verdicts, prefs, generator)
     return metrics
+
+
+def _release() -> None:
+    """Return a model's memory, just dropped by the caller, before the next one loads."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _judged(judge, prompts: list, responses: list[str], info: DistInfo) -> list[dict]:
+    """``judge.score`` of every response; with several ranks each scores its share of the
+    judge's batches (``judge.batch_size`` responses in order, as one process would batch
+    them: the same padding, so the same rewards), gathered in prompt order on every rank."""
+    if not info.enabled:
+        return judge.score(prompts, responses)
+    size = max(1, int(getattr(judge, "batch_size", 1) or 1))
+    blocks = list(range(0, len(prompts), size))
+    mine = [i for k in shard_of(len(blocks), info) for i in range(blocks[k], min(blocks[k] + size, len(prompts)))]
+    partial: list[dict | None] = [None] * len(prompts)
+    for index, verdict in zip(mine, judge.score([prompts[i] for i in mine], [responses[i] for i in mine]),
+                              strict=True):
+        partial[index] = verdict
+    return merge_shares(partial, info)
 
 
 def _write_generations(out_dir, examples, outputs, verdicts, ref_verdicts, prefs, generator) -> None:

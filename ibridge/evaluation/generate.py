@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ibridge.data.end_of_turn import stop_token_ids
 from ibridge.data.formatting import prompt_ids
+from ibridge.distributed import DistInfo, merge_shares, shard_of
 from ibridge.runtime import Runtime
 
 # Every `generation_config` setting that changes which token is drawn (logits processors
@@ -73,6 +77,25 @@ def decoding_settings(do_sample: bool, temperature: float) -> dict:
     return settings
 
 
+def batch_seed(seed: int, batch: int) -> int:
+    """The seed of the `batch`-th generation batch: a function of (seed, batch) alone, so a
+    batch draws the same tokens whichever rank generates it and whatever ran before."""
+    return int(np.random.SeedSequence([int(seed) & (2**64 - 1), int(batch)]).generate_state(1, dtype=np.uint64)[0]) >> 1
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, batch: int, runtime: Runtime):
+    """The global RNG (the one ``model.generate`` samples with) seeded for one batch, and
+    restored afterwards; nothing when `seed` is None."""
+    if seed is None:
+        yield
+        return
+    devices = [runtime.device.index or 0] if runtime.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(batch_seed(seed, batch))
+        yield
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -83,7 +106,9 @@ def generate(
     batch_size: int,
     do_sample: bool = False,
     temperature: float = 1.0,
-    desc: str = "generate",
+    desc: str | None = "generate",
+    seed: int | None = None,
+    shard: DistInfo | None = None,
 ) -> list[dict]:
     """One response per prompt: ``{"text", "prompt_ids", "response_ids"}``.
 
@@ -93,6 +118,11 @@ def generate(
     stop at and include the first of them, so that log pi(y|x) covers the decision
     to stop, and ``text`` is the reply without it. Whatever the checkpoint's
     generation_config says, no logits processor is applied (`PURE_DECODING`).
+
+    With `seed`, batch k samples from an RNG seeded by :func:`batch_seed` (seed, k) and the
+    caller's RNG is left as it was. With `shard` (every rank calling), each rank generates
+    every world_size-th batch of the one-process plan and every rank returns all results:
+    the same batches (same padding) and, with `seed`, the same draws as one process.
     """
     model.eval()
     pad = tokenizer.pad_token_id
@@ -101,8 +131,10 @@ def generate(
     encoded = [prompt_ids(tokenizer, prompt) for prompt in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     results: list[dict | None] = [None] * len(prompts)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", dynamic_ncols=True):
-        chunk = order[start : start + batch_size]
+    starts = list(range(0, len(order), batch_size))
+    mine = shard_of(len(starts), shard) if shard is not None else range(len(starts))
+    for k in tqdm(mine, desc=desc, unit="batch", disable=desc is None, dynamic_ncols=True):
+        chunk = order[starts[k] : starts[k] + batch_size]
         width = max(len(encoded[i]) for i in chunk)
         input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)  # (B, T)
         attention = torch.zeros_like(input_ids)
@@ -110,7 +142,7 @@ def generate(
             ids = encoded[index]
             input_ids[row, width - len(ids) :] = torch.as_tensor(ids)
             attention[row, width - len(ids) :] = 1
-        with runtime.autocast():
+        with _seeded(seed, k, runtime), runtime.autocast():
             output = model.generate(
                 input_ids=input_ids.to(runtime.device),
                 attention_mask=attention.to(runtime.device),
@@ -134,4 +166,6 @@ def generate(
                 "prompt_ids": encoded[index],
                 "response_ids": tokens,
             }
+    if shard is not None:
+        results = merge_shares(results, shard)
     return results  # type: ignore[return-value]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ibridge.distributed import all_reduce_sum, barrier
+from ibridge.distributed import all_reduce_sum
 from ibridge.evaluation.evaluate import evaluate_checkpoint
 from ibridge.io import write_json_atomic
 
@@ -44,20 +44,24 @@ def evaluate_stage(ctx, label: str, policy, reference) -> dict:
     ``eval/<label>/eval.json`` is written last: when it exists (a resumed run) the
     evaluation is not repeated. The run logs ``eval/<label>/<metric>`` and an
     ``eval/generations`` table (the first ``logger.table_rows`` generations).
+
+    Under torchrun every rank evaluates its share (``evaluate_checkpoint``); rank 0 writes
+    the files and logs, and returns the metrics (the other ranks return ``{}``).
     """
+    info = ctx.runtime.dist
     out_dir = ctx.run_dir / "eval" / label
     marker = out_dir / "eval.json"
-    # Every rank takes rank 0's decision (one collective): a rank that returned early here
-    # while another waited in the barrier below would pair later collectives off by one
-    # (a resumed torchrun job deadlocked so).
-    done_before = all_reduce_sum([float(ctx.runtime.dist.is_main and marker.is_file())], ctx.runtime.dist)[0] > 0
+    # Every rank takes rank 0's decision (one collective): a rank that skipped the
+    # evaluation while the others ran it would pair their collectives off (a resumed
+    # torchrun job deadlocked so).
+    done_before = all_reduce_sum([float(info.is_main and marker.is_file())], info)[0] > 0
     if done_before:
-        return json.loads(marker.read_text()) if ctx.runtime.dist.is_main else {}
-    if not ctx.runtime.dist.is_main:  # rank 0 evaluates; the others wait for it
-        barrier(ctx.runtime.dist)
-        return {}
-    ctx.logger.start("eval", ctx.run_name(f"eval-{label}"), {"evaluated": label}, home=out_dir)
+        return json.loads(marker.read_text()) if info.is_main else {}
+    if info.is_main:
+        ctx.logger.start("eval", ctx.run_name(f"eval-{label}"), {"evaluated": label}, home=out_dir)
     metrics = evaluate_checkpoint(ctx.cfg, ctx.source, policy, reference, ctx.runtime, out_dir, generator=label)
+    if not info.is_main:
+        return {}
     scalars = eval_scalars(label, metrics)
     ctx.logger.log(scalars, step=0)
     ctx.logger.summary(scalars)
@@ -66,7 +70,6 @@ def evaluate_stage(ctx, label: str, policy, reference) -> dict:
         ctx.logger.log_table("eval/generations", *generations_table(out_dir / "generations.jsonl", max_rows), step=0)
     ctx.logger.finish()
     write_json_atomic(marker, metrics)
-    barrier(ctx.runtime.dist)
     return metrics
 
 
