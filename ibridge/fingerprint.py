@@ -123,8 +123,7 @@ def numerics_fingerprint(runtime: Runtime) -> dict:
     device = runtime.device
     return {
         "precision": runtime.precision,
-        "weights_dtype": str(reference_pass_dtype(runtime)),
-        "distributed": runtime.dist.mode,
+        "weights_dtype": str(reference_pass_dtype(runtime)),  # bf16 or fp32 weights (the mode only acts through it)
         "attn_implementation": runtime.attn_implementation,
         "device": device.type,
         # Kernels differ between GPU generations, and TF32 changes fp32 matmuls on GPUs.

@@ -55,19 +55,28 @@ def inference_dtype(runtime: Runtime) -> torch.dtype:
     return torch.bfloat16 if runtime.precision == "bf16" else torch.float32
 
 
+def trains_on_bf16_weights(runtime: Runtime) -> bool:
+    """Whether training's forward runs on bf16 weights rather than autocast over fp32 ones:
+    FSDP's bf16 parameter policy, DeepSpeed bf16, and a LoRA stage's frozen base on a GPU
+    under ``precision=bf16`` (loaded in bf16, ``ibridge.stages.load_trainable``)."""
+    if runtime.precision != "bf16":
+        return False
+    return runtime.dist.mode in ("fsdp", "deepspeed") or (runtime.lora and runtime.device.type == "cuda")
+
+
 def reference_pass_dtype(runtime: Runtime) -> torch.dtype:
     """The weights the reference pass runs on: those the policy's training forward runs on,
     so that at step 0 the implicit reward ``beta * (log pi - log pi_ref)`` is zero rather than
     numerical noise (up to 0.025 nats per sequence was measured between the two numerics).
 
-    * FSDP's bf16 parameter policy and DeepSpeed bf16 train on bf16 parameters (a bf16
-      residual stream): the reference loads in bf16.
-    * One process or DDP under ``precision=bf16`` trains with autocast over fp32 weights
-      (fp32 residual stream, bf16 matmuls): the reference loads fp32 and runs under the same
-      autocast. It costs fp32 weights once, which training holds anyway.
+    * bf16 weights where training runs on them (`trains_on_bf16_weights`): a bf16 residual
+      stream.
+    * Otherwise (one process or DDP under ``precision=bf16``, full fine-tuning) training runs
+      autocast over fp32 weights (fp32 residual stream, bf16 matmuls): the reference loads
+      fp32 and runs under the same autocast. It costs fp32 weights once, which training holds
+      anyway.
     """
-    bf16_parameters = runtime.precision == "bf16" and runtime.dist.mode in ("fsdp", "deepspeed")
-    return torch.bfloat16 if bf16_parameters else torch.float32
+    return torch.bfloat16 if trains_on_bf16_weights(runtime) else torch.float32
 
 
 def load_model(

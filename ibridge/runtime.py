@@ -17,6 +17,7 @@ class Runtime:
     precision: str  # "fp32" | "bf16" | "fp16"
     attn_implementation: str = "eager"
     trust_remote_code: bool = False  # off unless model.trust_remote_code=true
+    lora: bool = False  # model.lora.enabled: stages train adapters over a frozen base
     dist: DistInfo = DistInfo()
 
     def autocast(self):
@@ -58,7 +59,9 @@ def resolve_runtime(trainer_cfg, model_cfg=None) -> Runtime:
     if threads > 0:
         torch.set_num_threads(threads)
     trust = bool((model_cfg or {}).get("trust_remote_code", False))
-    return Runtime(device=device, precision=precision, attn_implementation=attn, trust_remote_code=trust, dist=dist)
+    lora = bool(((model_cfg or {}).get("lora") or {}).get("enabled", False))
+    return Runtime(device=device, precision=precision, attn_implementation=attn, trust_remote_code=trust, lora=lora,
+                   dist=dist)
 
 
 def seed_everything(seed: int) -> None:

@@ -20,7 +20,7 @@ from ibridge.distributed import barrier, full_model_state
 from ibridge.evaluation.drift import token_kl
 from ibridge.io import write_json_atomic
 from ibridge.lora import lora_enabled, merged, wrap_with_lora
-from ibridge.models import cache_root, load_model, load_tokenizer, save_checkpoint
+from ibridge.models import cache_root, load_model, load_tokenizer, save_checkpoint, trains_on_bf16_weights
 from ibridge.objectives import build_objective
 from ibridge.objectives.logprobs import sequence_logps, token_logps
 from ibridge.refcache import cached_reference_logps
@@ -115,7 +115,7 @@ def load_trainable(init_path: Path, ctx):
     output carries gradients into the checkpointed blocks)."""
     cfg, runtime = ctx.cfg, ctx.runtime
     lora = lora_enabled(cfg.model)
-    frozen_dtype = torch.bfloat16 if lora and runtime.precision == "bf16" and runtime.device.type == "cuda" else None
+    frozen_dtype = torch.bfloat16 if lora and trains_on_bf16_weights(runtime) else None
     model = load_model(init_path, runtime, on_device=not runtime.dist.sharded, dtype=frozen_dtype)
     if bool(cfg.trainer.get("gradient_checkpointing", False)):
         model.config.use_cache = False

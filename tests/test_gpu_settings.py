@@ -133,3 +133,14 @@ def test_deepspeed_reduces_and_accumulates_gradients_in_fp32():
     assert config["bf16"] == {"enabled": True}
     assert config["communication_data_type"] == "fp32"
     assert config["data_types"] == {"grad_accum_dtype": "fp32"}
+
+
+def test_the_reference_pass_runs_on_the_weights_training_runs_on():
+    from ibridge.models import reference_pass_dtype
+
+    gpu = torch.device("cuda")  # a device object only: nothing is allocated
+    assert reference_pass_dtype(Runtime(device=gpu, precision="bf16")) == torch.float32  # autocast over fp32
+    assert reference_pass_dtype(Runtime(device=gpu, precision="bf16", lora=True)) == torch.bfloat16  # bf16 frozen base
+    fsdp = DistInfo(world_size=8, mode="fsdp")
+    assert reference_pass_dtype(Runtime(device=gpu, precision="bf16", dist=fsdp)) == torch.bfloat16
+    assert reference_pass_dtype(Runtime(device=gpu, precision="fp32", dist=fsdp)) == torch.float32
