@@ -276,6 +276,67 @@ def test_training_step_runs_the_reference_and_matches_an_independent_computation
 
 
 # --------------------------------------------------------------------------------------------
+# Optima of a free categorical policy at one state (docs/objectives.md, implicit-reward reading)
+
+P_E = [0.4, 0.3, 0.2, 0.1, 0.0]  # the demonstrator's next-token distribution
+Q_REF = [0.1, 0.2, 0.3, 0.3, 0.1]  # the reference's
+
+
+def _optimise(name: str, params: dict, steps: int = 1000) -> list[float]:
+    """Train one logit vector z under `name`, on 10 demonstrated tokens drawn in the
+    proportions of P_E at one state (every position shares z), to convergence."""
+    tokens = [a for a, p in enumerate(P_E) for _ in range(round(10 * p))]  # 4 x a0, 3 x a1, 2 x a2, 1 x a3
+    labels = torch.tensor([[-100, *tokens]])  # (1, 11): 10 scored positions, all at the same state
+    ref_row = torch.log(torch.tensor(Q_REF, dtype=torch.float64))
+    z = ref_row.clone().requires_grad_(True)  # start at the reference
+    objective = build_objective({"name": name, **params})
+    optimiser = torch.optim.Adam([z], lr=0.1)
+    for _ in range(steps):
+        logits = z.expand(1, labels.shape[1], len(P_E))
+        logps, mask = token_logps(logits, labels)
+        extra = {"logits": logits, "ref_logits": ref_row.expand_as(logits)} if objective.needs_reference_logits else {}
+        loss = objective(logps, logps.detach(), mask, **extra).loss
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return torch.softmax(z.detach(), -1).tolist()
+
+
+def _normalised(weights: list[float]) -> list[float]:
+    return [w / sum(weights) for w in weights]
+
+
+def test_prior_leaning_optimum_sharpens_the_demonstrations():
+    # max sum_a pE(a) pi(a)^alpha / alpha  =>  pi ∝ pE^(1 / (1 - alpha)) for 0 < alpha < 1
+    pi = _optimise("prior_leaning", {"alpha": 0.5})
+    assert pi == pytest.approx(_normalised([p**2 for p in P_E]), abs=2e-3)
+
+
+def test_dft_optimum_is_the_demonstrations_mode():
+    # max sum_a pE(a) pi(a): linear in pi, so all mass on argmax pE, whatever pi_ref
+    pi = _optimise("dft", {}, steps=600)
+    assert pi[0] > 0.99
+
+
+def test_asft_optimum_is_the_kl_regularised_policy_with_reward_pE():
+    # max sum_a pE(a) pi(a) - lambda KL(pi || pi_ref)  =>  pi ∝ pi_ref exp(pE / lambda):
+    # the implicit reward lambda log pi/pi_ref is the demonstrator's probability (plus a constant)
+    lam = 0.2
+    pi = _optimise("asft", {"kl_coef": lam})
+    assert pi == pytest.approx(_normalised([q * math.exp(p / lam) for p, q in zip(P_E, Q_REF, strict=True)]),
+                               abs=2e-3)
+
+
+def test_sft_kl_optimum_has_the_implicit_reward_pE_over_pi():
+    # stationarity of -sum pE log pi + lambda KL(pi || pi_ref) on the simplex:
+    # lambda log pi(a)/pi_ref(a) = pE(a)/pi(a) + const
+    lam = 0.2
+    pi = _optimise("sft_kl", {"kl_coef": lam}, steps=4000)  # pi(a4) -> small: slow to settle
+    gaps = [lam * math.log(a / q) - p / a for a, p, q in zip(pi, P_E, Q_REF, strict=True)]
+    assert max(gaps) - min(gaps) < 1e-3, gaps
+
+
+# --------------------------------------------------------------------------------------------
 # Registry, parameters and errors
 
 
