@@ -20,9 +20,17 @@ from ibridge.distributed import barrier, full_model_state
 from ibridge.evaluation.drift import token_kl
 from ibridge.io import write_json_atomic
 from ibridge.lora import lora_enabled, merged, wrap_with_lora
-from ibridge.models import cache_root, load_model, load_tokenizer, save_checkpoint, trains_on_bf16_weights
+from ibridge.models import (
+    cache_root,
+    load_model,
+    load_tokenizer,
+    reference_pass_dtype,
+    save_checkpoint,
+    trains_on_bf16_weights,
+)
 from ibridge.objectives import build_objective
 from ibridge.objectives.logprobs import sequence_logps, token_logps
+from ibridge.packing import PackedForward, packing_supported
 from ibridge.refcache import cached_reference_logps
 from ibridge.training import OptimSettings, optimise
 
@@ -31,16 +39,45 @@ log = logging.getLogger(__name__)
 STAGE_RECORD = "stage.json"
 
 
-def demonstration_step(objective):
-    """compute(model, batch) for objectives on demonstrations (sft, tv, chi2, ...)."""
+def demonstration_step(objective, reference=None):
+    """compute(model, batch) for objectives on demonstrations (sft, tv, chi2, dft, asft, ...).
+
+    An objective with ``needs_reference_logits`` (sft_kl, asft: a KL over the vocabulary at
+    every demonstration prefix) also gets the policy's logits and `reference`'s on the same
+    batch: `reference` is the frozen reference model (`logits_reference`), run without
+    gradients in the step's autocast. Its (B, T, V) logits live only until the objective
+    returns; the KL keeps just their scored rows for the backward pass (objectives/vocab_divergence.py).
+    """
+    if objective.needs_reference_logits and reference is None:
+        raise ValueError(f"objective '{objective.name}' needs a reference model in the training step "
+                         "(demonstration_step(objective, reference=...))")
 
     def compute(model, batch):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       use_cache=False).logits  # (B, T, V); no KV cache: nothing is generated
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+        logits = model(**inputs).logits  # (B, T, V); no KV cache: nothing is generated
         logps, mask = token_logps(logits, batch["labels"])  # (B, T-1)
-        return objective(logps, batch.get("ref_logps"), mask)
+        if not objective.needs_reference_logits:
+            return objective(logps, batch.get("ref_logps"), mask)
+        with torch.no_grad():
+            ref_logits = reference(**inputs).logits  # (B, T, V)
+        return objective(logps, batch.get("ref_logps"), mask, logits=logits, ref_logits=ref_logits)
 
     return compute
+
+
+def logits_reference(objective, reference_path: Path, runtime, pack: bool = True):
+    """The frozen reference model a `needs_reference_logits` objective runs in every training
+    step, or None for the other objectives (their reference is the cached log-probs).
+
+    Weights in the dtype the policy trains on (`reference_pass_dtype`), so that at step 0 the
+    two models' logits agree and the KL anchor starts at zero, as the cached implicit rewards
+    do; packed like the policy's forward where the model supports it (ibridge/packing.py).
+    A full copy on every process: under FSDP or ZeRO-3 it is not sharded.
+    """
+    if not objective.needs_reference_logits:
+        return None
+    model = load_model(reference_path, runtime, for_inference=True, dtype=reference_pass_dtype(runtime))
+    return PackedForward(model) if pack and packing_supported(model, runtime) else model
 
 
 def preference_step(objective):
@@ -174,9 +211,10 @@ def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path
     model = load_trainable(init_path, ctx)
     collate = collate_demonstrations if kind == "demonstrations" else collate_pairs
     evaluate = drift_evaluator(ctx, tokenizer, reference_path) if kind == "demonstrations" else None
+    reference = logits_reference(objective, reference_path, ctx.runtime, settings.pack_sequences)
     summary = optimise(
         model, encoded, lambda items: collate(items, pad),
-        demonstration_step(objective) if kind == "demonstrations" else preference_step(objective),
+        demonstration_step(objective, reference) if kind == "demonstrations" else preference_step(objective),
         settings, ctx.runtime, log=ctx.logger.log, desc=f"{stage} ({objective.name})", evaluate=evaluate,
         state_dir=out_dir / "state", bookmark=ctx.logger.bookmark, rewind=ctx.logger.rewind,
         count_units=loss_units(objective),
@@ -202,6 +240,7 @@ def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path
         record["world_size"] = ctx.runtime.dist.world_size
         record["distributed"] = ctx.runtime.dist.mode
         record["rank_checksums"] = summary.rank_checksums
+    del reference  # the training step's reference model, if any
     model = merged(model)  # a LoRA stage's checkpoint is the merged model: the next stage's reference
     record["checkpoint"] = str(out_dir / "checkpoint")
     weights = full_model_state(model, ctx.runtime.dist)  # FSDP: gathered on rank 0 (every rank calls)

@@ -336,7 +336,8 @@ def test_preference_shape_check():
 
 
 def test_available_objectives_and_kinds():
-    assert available_objectives() == ["cdpo", "chi2", "dpo", "hellinger", "ipo", "jsd", "rkl", "sft", "tv"]
+    assert available_objectives() == ["asft", "cdpo", "chi2", "dft", "dpo", "hellinger", "ipo", "jsd",
+                                      "prior_leaning", "rkl", "sft", "sft_kl", "tv"]
     for name in available_objectives():
         obj = build_objective({"name": name})
         assert obj.name == name and OBJECTIVES[name] is type(obj)

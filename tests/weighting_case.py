@@ -18,20 +18,22 @@ from ibridge.updates import TorchUpdate
 VOCAB = 32
 PAD = 0
 # One objective per way of averaging: tokens (sft, token-granularity jsd), sequences
-# (sequence-granularity chi2) and pairs (dpo).
+# (sequence-granularity chi2) and pairs (dpo); and asft, token-averaged with a KL over the
+# vocabulary against a reference model run in every micro-batch (`reference_model`).
 OBJECTIVES = {
     "sft": {"name": "sft"},
     "jsd_token": {"name": "jsd", "beta": 0.5, "granularity": "token"},
     "chi2_sequence": {"name": "chi2", "beta": 0.5, "granularity": "sequence"},
     "dpo": {"name": "dpo", "beta": 0.5},
+    "asft": {"name": "asft", "kl_coef": 0.5},
 }
 # Very uneven lengths: a 2-token demonstration beside 30-token ones. 7 examples, so that
 # micro-batches of 2 leave a short last one (and, on 2 ranks, a stand-in).
 LENGTHS = [30, 2, 25, 3, 28, 2, 17]
 
 
-def tiny_model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
+def tiny_model(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, max_position_embeddings=64, attn_implementation="eager")
     return LlamaForCausalLM(config)
@@ -61,7 +63,9 @@ def parts(kind: str):
     objective = build_objective(OBJECTIVES[kind])
     if kind == "dpo":
         return objective, preference_step(objective), lambda items: collate_pairs(items, PAD), loss_units(objective)
-    return (objective, demonstration_step(objective), lambda items: collate_demonstrations(items, PAD),
+    # Another draw of the tiny model as the reference, so that the KL and its gradient are not zero.
+    reference = tiny_model(seed=1).eval().requires_grad_(False) if objective.needs_reference_logits else None
+    return (objective, demonstration_step(objective, reference), lambda items: collate_demonstrations(items, PAD),
             loss_units(objective))
 
 

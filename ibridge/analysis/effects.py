@@ -46,8 +46,11 @@ BASELINES = {
     "sft": "plain sft at the standard lr",
     "tv": "tv at the same lr and granularity, f-divergences only",
 }
-# Objectives that are neither baseline nor f-divergence: no tv baseline for them.
-_NOT_FDIV = {"sft", "tv"}
+# The objectives compared with tv: the f-divergences other than tv (DESIGN.md §1), not sft
+# and not the objectives beside the paper (dft, sft_kl, ...). Named here rather than read from
+# ibridge.objectives, which would load torch into `ibridge report`; tests/test_grids.py checks
+# the set against the registry.
+TV_COMPARED = frozenset({"chi2", "pearson", "hellinger", "jsd", "rkl"})
 
 
 def is_replicate_key(key: str) -> bool:
@@ -128,7 +131,7 @@ def paired_effects(runs: list[Run], metric: str = "eval.dpo.win_rate", baseline:
     diffs: dict[tuple, dict[str, list[float]]] = {}  # compared cell -> block -> paired differences
     base_means: dict[tuple, dict[str, float]] = {}  # compared cell -> block -> baseline mean over seeds
     for run in runs:
-        if run.objective in (_NOT_FDIV if baseline == "tv" else ()):
+        if baseline == "tv" and run.objective not in TV_COMPARED:
             continue  # the tv baseline is for the other f-divergences
         matched = baseline_runs(run)
         if any(r is run for r in matched):

@@ -10,9 +10,10 @@ Use::
     out.loss.backward(); log(out.metrics)
 
 Objectives: ``sft``; the f-divergence family ``tv``, ``chi2`` (alias ``pearson``), ``hellinger``,
-``jsd``, ``rkl`` (demonstrations); ``dpo``, ``cdpo``, ``ipo`` (preferences). Forward KL is
-refused with the reason (DESIGN.md §1). The trainer asks an objective for ``data_kind`` and
-``needs_reference`` instead of testing names.
+``jsd``, ``rkl``; beside the paper, ``dft``, ``prior_leaning``, ``sft_kl`` and ``asft``
+(demonstrations); ``dpo``, ``cdpo``, ``ipo`` (preferences). Forward KL is refused with the
+reason (DESIGN.md §1). The trainer asks an objective for ``data_kind``, ``needs_reference`` and
+``needs_reference_logits`` instead of testing names.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from .anchored import ASFT, SFTKL, prefix_kl
 from .base import (
     DEMONSTRATIONS,
     PREFERENCES,
@@ -43,17 +45,23 @@ from .fdivergence import (
 )
 from .logprobs import label_logps, sequence_logps, token_logps
 from .preference import CDPO, DPO, IPO, dpo_losses, ipo_losses
+from .probability import DFT, PriorLeaning, dft_token_losses, prior_leaning_token_losses
 from .sft import SFT, sft_loss
+from .vocab_divergence import KL_DIRECTIONS, vocab_kl
 
 __all__ = [
+    "ASFT",
     "CDPO",
     "DEMONSTRATIONS",
+    "DFT",
     "DPO",
     "GENERATORS",
     "IPO",
+    "KL_DIRECTIONS",
     "OBJECTIVES",
     "PREFERENCES",
     "SFT",
+    "SFTKL",
     "DemonstrationObjective",
     "FDivergenceObjective",
     "JensenShannon",
@@ -61,6 +69,7 @@ __all__ = [
     "ObjectiveOutput",
     "PearsonChi2",
     "PreferenceObjective",
+    "PriorLeaning",
     "ReverseKL",
     "SquaredHellinger",
     "TotalVariation",
@@ -68,14 +77,18 @@ __all__ = [
     "build_objective",
     "canonical_name",
     "data_kind_of",
+    "dft_token_losses",
     "dpo_losses",
     "fdivergence_losses",
     "implicit_rewards",
     "ipo_losses",
     "label_logps",
+    "prefix_kl",
+    "prior_leaning_token_losses",
     "sequence_logps",
     "sft_loss",
     "token_logps",
+    "vocab_kl",
 ]
 
 _CLASSES: tuple[type[Objective], ...] = (
@@ -85,6 +98,10 @@ _CLASSES: tuple[type[Objective], ...] = (
     SquaredHellinger,
     JensenShannon,
     ReverseKL,
+    DFT,
+    PriorLeaning,
+    SFTKL,
+    ASFT,
     DPO,
     CDPO,
     IPO,

@@ -10,6 +10,10 @@ function of log-prob tensors (no state is mutated, nothing is cached). Two signa
       # ref_logps    (B, T) per-token log pi_ref, fixed (or None if not needs_reference)
       # mask         (B, T) bool, True at scored (demonstration) tokens
 
+  Objectives with ``needs_reference_logits`` (``sft_kl``, ``asft``) also take the keyword
+  arguments ``logits`` (B, T+1, V), the policy's logits the log-probs came from, and
+  ``ref_logits`` (B, T+1, V), the reference's on the same batch (``anchored.py``).
+
 * preferences (DPO and relatives)::
 
       obj(policy_chosen, policy_rejected, ref_chosen, ref_rejected) -> ObjectiveOutput
@@ -57,6 +61,10 @@ class Objective(abc.ABC):
     name: ClassVar[str]
     data_kind: ClassVar[str]  # DEMONSTRATIONS or PREFERENCES
     needs_reference: ClassVar[bool]  # whether reference log-probs must be provided
+    # Whether the objective also needs the reference's full next-token distribution at every
+    # scored position (a reference forward per micro-batch): then it is called with the
+    # keyword arguments ``logits`` and ``ref_logits`` too (``anchored.py``).
+    needs_reference_logits: ClassVar[bool] = False
     aliases: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
