@@ -204,7 +204,10 @@ def shard(model: torch.nn.Module, info: DistInfo, device: torch.device, precisio
     The model may still be on the CPU: each rank moves only its own shard to `device`,
     so a 7-8B model never sits whole on one GPU. With bf16, the gathered weights and the
     forward run in bf16 while the sharded master weights and the gradient reduction
-    stay fp32 (the same numerics as bf16 autocast over fp32 weights).
+    stay fp32. This is *not* the numerics of bf16 autocast over fp32 weights: here the
+    residual stream between layers is bf16 too. The reference pass therefore runs on bf16
+    weights under FSDP (`ibridge.models.reference_pass_dtype`), so that the implicit reward
+    of the untrained policy is zero and not numerical noise.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
