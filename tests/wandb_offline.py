@@ -110,7 +110,12 @@ def read_run(folder: Path) -> OfflineRun:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             r = record.run
-            run.id, run.name, run.group, run.job_type = r.run_id, r.display_name, r.run_group, r.job_type
+            # A run can carry more than one run record (later ones update a few fields and
+            # leave the others empty): keep what each one sets.
+            for field, value in (("id", r.run_id), ("name", r.display_name), ("group", r.run_group),
+                                 ("job_type", r.job_type)):
+                if value:
+                    setattr(run, field, value)
             for item in r.config.update:
                 _set_nested(run.config, _key(item), json.loads(item.value_json))
         elif kind == "config":
