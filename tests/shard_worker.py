@@ -40,10 +40,14 @@ from ibridge.checkpointing import has_state  # noqa: E402
 from ibridge.data import source_for  # noqa: E402
 from ibridge.data.formatting import encode_split  # noqa: E402
 from ibridge.distributed import DistInfo, full_tensor, shard  # noqa: E402
-from ibridge.evaluation.drift import _token_batches, token_kl  # noqa: E402
+from ibridge.evaluation.drift import token_kl  # noqa: E402
 from ibridge.evaluation.judges import GoldJudge  # noqa: E402
 from ibridge.models import ensure_toy_base, load_model, load_tokenizer, save_checkpoint  # noqa: E402
-from ibridge.refcache import cached_reference_logps, sequence_token_logps  # noqa: E402
+from ibridge.refcache import (  # noqa: E402
+    cached_reference_logps,
+    sequence_token_logps,
+    token_budget_batches,  # noqa: E402
+)
 from ibridge.runtime import Runtime  # noqa: E402
 from ibridge.training import OptimSettings, StopRequested, optimise  # noqa: E402
 from tests.conftest import compose_config  # noqa: E402
@@ -108,7 +112,7 @@ def check_token_kl(report, base, heldout, single, info, pad) -> None:
     forwards = []
     sharded_policy.register_forward_pre_hook(lambda module, args: forwards.append(1))
     fsdp = token_kl(sharded_policy, reference, heldout, single, pad, max_tokens=MAX_TOKENS, shard=fsdp_info)
-    report["token_kl"] = {"single": expected, "batches": len(_token_batches(heldout, MAX_TOKENS)),
+    report["token_kl"] = {"single": expected, "batches": len(token_budget_batches([len(seq["input_ids"]) for seq in heldout], MAX_TOKENS)),
                           "ranks": gathered({"whole": whole, "fsdp": fsdp, "fsdp_forwards": len(forwards)}, info)}
 
 

@@ -149,16 +149,6 @@ def test_token_kl_equals_the_full_vocabulary_formula(max_tokens, monkeypatch):
     assert drift.token_kl(policy, policy, sequences, FP32, PAD, max_tokens=max_tokens) == pytest.approx(0, abs=1e-9)
 
 
-def test_token_batches_respect_the_budget():
-    sequences = [{"input_ids": [1] * n} for n in (5, 3, 9, 4, 20, 2, 6)]
-    batches = drift._token_batches(sequences, max_tokens=12)
-    assert sorted(i for b in batches for i in b) == list(range(len(sequences)))
-    for batch in batches:
-        padded = len(batch) * max(len(sequences[i]["input_ids"]) for i in batch)
-        assert padded <= 12 or len(batch) == 1  # a sequence longer than the budget goes alone
-    assert [4] in batches
-
-
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, resource, sys
     import torch

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ibridge.data.collate import pad_sequences
 from ibridge.distributed import DistInfo, all_reduce_sum, shard_of
 from ibridge.evaluation.stats import mean_and_stderr, preferences_from_scores
-from ibridge.refcache import sequence_token_logps
+from ibridge.refcache import sequence_token_logps, token_budget_batches
 from ibridge.runtime import Runtime
 
 # `token_kl`'s default budget of (padded) tokens per forward pass: the two models' float32
@@ -44,20 +44,6 @@ CHUNK_ELEMENTS = 2**24
 def fp32(runtime: Runtime) -> Runtime:
     """`runtime` without autocast: evaluation log-probs are float32 on every device."""
     return dataclasses.replace(runtime, precision="fp32")
-
-
-def _token_batches(sequences: list[dict], max_tokens: int) -> list[list[int]]:
-    """Indices of `sequences` grouped so that each padded batch holds at most `max_tokens`
-    tokens (sorted by length, so batches carry little padding; a longer sequence goes alone)."""
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]["input_ids"]))
-    batches: list[list[int]] = []
-    for index in order:
-        length = len(sequences[index]["input_ids"])  # the longest so far: sorted ascending
-        if batches and (len(batches[-1]) + 1) * length <= max_tokens:
-            batches[-1].append(index)
-        else:
-            batches.append([index])
-    return batches
 
 
 def _my_batches(batches: list[list[int]], shard: DistInfo | None) -> list[tuple[list[int], bool]]:
@@ -94,7 +80,7 @@ def token_kl(policy, reference, sequences: list[dict], runtime: Runtime, pad_id:
     count = 0
     policy.eval()
     reference.eval()
-    for chunk, counted in _my_batches(_token_batches(sequences, max_tokens), shard):
+    for chunk, counted in _my_batches(token_budget_batches([len(seq["input_ids"]) for seq in sequences], max_tokens), shard):
         batch = pad_sequences([sequences[i] for i in chunk], pad_id)
         batch = {key: value.to(runtime.device) for key, value in batch.items()}
         kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
