@@ -22,7 +22,8 @@ from ibridge.io import write_json_atomic
 from ibridge.lora import lora_enabled, merged, wrap_with_lora
 from ibridge.models import cache_root, load_model, load_tokenizer, save_checkpoint
 from ibridge.objectives import build_objective
-from ibridge.objectives.logprobs import sequence_logps, token_logps
+from ibridge.objectives.logprobs import sequence_logps
+from ibridge.packing import scored_logps
 from ibridge.refcache import cached_reference_logps
 from ibridge.training import OptimSettings, optimise
 
@@ -35,9 +36,7 @@ def demonstration_step(objective):
     """compute(model, batch) for objectives on demonstrations (sft, tv, chi2, ...)."""
 
     def compute(model, batch):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       use_cache=False).logits  # (B, T, V); no KV cache: nothing is generated
-        logps, mask = token_logps(logits, batch["labels"])  # (B, T-1)
+        logps, mask = scored_logps(model, batch)  # (B, T-1): packed, logits at scored tokens only
         return objective(logps, batch.get("ref_logps"), mask)
 
     return compute
@@ -47,9 +46,7 @@ def preference_step(objective):
     """compute(model, batch) for preference objectives: chosen and rejected in one forward."""
 
     def compute(model, batch):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       use_cache=False).logits  # (2B, T, V)
-        logps, mask = token_logps(logits, batch["labels"])  # (2B, T-1)
+        logps, mask = scored_logps(model, batch)  # (2B, T-1)
         chosen, rejected = sequence_logps(logps, mask).chunk(2)  # (B,), (B,)
         return objective(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"])
 
