@@ -237,3 +237,17 @@ def test_two_ddp_ranks_packed_with_the_chunked_head_have_the_one_batch_gradient(
     for kind, diffs in report.items():
         assert diffs["ddp"] and diffs["packed_batches"] > 0, (kind, diffs)
         assert diffs["grad_diff"] <= 1e-4 * diffs["grad_scale"] + 1e-6, (kind, diffs)
+
+
+def test_auto_attention_prefers_the_kernels_that_pack_without_a_mask(monkeypatch):
+    import transformers.utils
+
+    from ibridge.runtime import auto_attention
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
+    assert auto_attention(cuda, "bf16") == "flash_attention_2"
+    assert auto_attention(cuda, "fp32") == "sdpa"  # flash kernels are half precision only
+    assert auto_attention(cpu, "fp32") == "eager"
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: False)
+    assert auto_attention(cuda, "bf16") == "sdpa"
