@@ -55,6 +55,7 @@ from benchlib.driver import (  # noqa: E402
     worker_main,
 )
 from benchlib.memory import reference_pass_peak, training_peak  # noqa: E402
+from benchlib.synthetic import conversations, save_model, write_data  # noqa: E402
 from benchlib.workers import WORKERS  # noqa: E402
 
 VOCAB = 128_256  # Llama-3
@@ -68,61 +69,9 @@ SFT_CONFIGS = ["trl_sft", "ibridge_sft", "bare_chunked_sft"]
 
 def build_world(work: Path, n_sft: int, n_dpo: int, seed: int = 0) -> tuple[Path, Path, int]:
     """The model folder (weights and tokenizer) and the data file; returns them and the parameter count."""
-    import numpy as np
-    import torch
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from ibridge.world.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS
-
-    specials = list(SPECIAL_TOKENS.values())
-    words = [f"w{i}" for i in range(VOCAB - len(specials))]
-    backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(specials + words)},
-                                         unk_token=SPECIAL_TOKENS["unk"]))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=SPECIAL_TOKENS["bos"], eos_token=SPECIAL_TOKENS["eos"],
-        pad_token=SPECIAL_TOKENS["pad"], unk_token=SPECIAL_TOKENS["unk"],
-        extra_special_tokens=[SPECIAL_TOKENS[k] for k in ("user", "assistant", "end")],
-        clean_up_tokenization_spaces=False)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    assert len(tokenizer) == VOCAB
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, **ARCH)
-    model = LlamaForCausalLM(config)
-    base = work / "model"
-    model.save_pretrained(base, safe_serialization=True)
-    tokenizer.save_pretrained(base)
-
-    rng = np.random.default_rng(seed)
-    ranks = np.arange(len(words))
-    zipf = 1.0 / (ranks + 10.0) ** 1.07
-    zipf /= zipf.sum()
-
-    def text(n: int) -> str:
-        return " ".join(words[i] for i in rng.choice(len(words), size=n, p=zipf))
-
-    def lengths() -> tuple[int, int]:
-        # UltraChat-like: prompts around 90 tokens, responses around 230, both long-tailed;
-        # the chat template adds 4 tokens, and prompt + response stays within MAX_LENGTH.
-        prompt = int(np.clip(rng.lognormal(np.log(90), 0.9), 5, 600))
-        response = int(np.clip(rng.lognormal(np.log(230), 0.65), 10, 900))
-        return prompt, min(response, MAX_LENGTH - 4 - prompt)
-
-    demonstrations = []
-    for _ in range(n_sft):
-        prompt, response = lengths()
-        demonstrations.append({"prompt": text(prompt), "response": text(response)})
-    preferences = []
-    for _ in range(n_dpo):
-        prompt, chosen = lengths()
-        rejected = min(lengths()[1], MAX_LENGTH - 4 - prompt)
-        preferences.append({"prompt": text(prompt), "chosen": text(chosen), "rejected": text(rejected)})
-    data = work / "data.json"
-    data.write_text(json.dumps({"demonstrations": demonstrations, "preferences": preferences}))
-    return base, data, sum(p.numel() for p in model.parameters())
+    base, n_params = save_model(work / "model", "llama", VOCAB, ARCH, seed)
+    data = write_data(work / "data.json", conversations(n_sft, n_dpo, VOCAB, MAX_LENGTH, seed=seed))
+    return base, data, n_params
 
 
 def main() -> None:
