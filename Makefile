@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU build of torch unless the machine has a GPU (a bare `torch` pulls a multi-GB CUDA build).
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: help setup setup-deepspeed run smoke test test-fast lint bench-objectives bench-trl measure reproduce clean
+.PHONY: help setup setup-deepspeed run smoke test test-fast lint bench-objectives bench-trl bench-scale gpu-check measure reproduce clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -60,6 +60,12 @@ $(VENV)/.bench: $(BIN)/ibridge
 
 bench-trl: $(VENV)/.bench  ## ibridge vs TRL (DPO, SFT) and a bare loop: tok/s, memory, correctness (~8 min; BENCHMARKS.md)
 	$(BIN)/python benchmarks/bench_trl.py
+
+bench-scale: $(VENV)/.bench  ## the same at realistic shapes: 128k vocabulary, UltraChat-like lengths (~10 min; BENCHMARKS.md)
+	$(BIN)/python benchmarks/bench_scale.py
+
+gpu-check: setup  ## bf16 steps, bf16/fp32 loss parity, memory, resume, NCCL on a CUDA machine (--cpu: the CPU mode CI runs)
+	$(BIN)/python benchmarks/gpu_check.py
 
 REPRO_DIR ?= multirun/reproduce
 reproduce: setup  ## both grids on the toy world, 3 base models x 3 seeds each, then the reports (~20 min on 2 cores)

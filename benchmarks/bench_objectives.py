@@ -12,6 +12,12 @@ pass is done once before timing, as a later run with the same reference and data
 finds it on disk). Each objective is timed `--repeats` times, interleaved, and the
 best run counts, to damp noise from other processes. Prints steps/s and the ratio
 to sft; the target is >= 0.9x for every objective.
+
+Beside each ratio: the objective's own arithmetic (its loss, metrics and backward on a
+batch's log-probs, no model) in ms per micro-batch, timed over many calls, and the ratio
+that cost alone predicts. A measured ratio well below the predicted one is noise from
+other processes, not cost (an 0.88x jsd figure in one run was: its arithmetic costs
+0.3 ms more than sft's in a 21 ms step, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -35,6 +41,21 @@ from ibridge.training import OptimSettings, optimise
 
 FDIVERGENCES = ["tv", "chi2", "hellinger", "jsd", "rkl"]
 OBJECTIVES = ["sft", *FDIVERGENCES, "dft", "prior_leaning", "sft_kl", "asft"]
+
+
+def objective_ms(params: dict, batch: dict, calls: int = 200) -> float:
+    """ms per call of the objective alone (forward and backward) on this batch's shapes, best of 3."""
+    mask = batch["labels"][:, 1:] != -100
+    ref = batch["ref_logps"] if "ref_logps" in batch else torch.zeros(mask.shape)
+    objective = build_objective(params)
+    best = float("inf")
+    for _ in range(3):
+        logps = (ref + 0.01).requires_grad_()
+        start = time.perf_counter()
+        for _ in range(calls):
+            objective(logps, ref, mask).loss.backward()
+        best = min(best, (time.perf_counter() - start) / calls * 1e3)
+    return best
 
 
 def main() -> None:
@@ -72,12 +93,23 @@ def main() -> None:
     print(f"\ntorch {torch.__version__}, threads {torch.get_num_threads()}, device {runtime.device}, "
           f"precision {runtime.precision}, batch {settings.batch_size}, {args.steps} steps x {args.repeats} "
           f"repeats (best), granularity {args.granularity}, warm reference cache")
-    print(f"{'objective':<14} {'steps/s':>9} {'vs sft':>7}")
+    batch = collate_demonstrations(encoded[: settings.batch_size], pad)
+    # The objective alone, where it is a function of log-probs only (sft_kl and asft also
+    # need both models' logits: their cost is the second model's forward, in the step figure).
+    alone = [name for name in OBJECTIVES if not build_objective({"name": name}).needs_reference_logits]
+    own = {name: objective_ms({"name": name, "granularity": args.granularity} if name in FDIVERGENCES
+                              else {"name": name}, batch) for name in alone}
+    step_ms = 1e3 / best["sft"]
+    print(f"{'objective':<14} {'steps/s':>9} {'vs sft':>7}   {'own ms':>6}  {'cost alone predicts':>19}")
     for name in OBJECTIVES:
         ratio = best[name] / best["sft"]
         # the 0.9x target is for the cached-log-prob objectives; sft_kl and asft run a second model
-        flag = "" if ratio >= 0.9 or build_objective({"name": name}).needs_reference_logits else "  < 0.9 target"
-        print(f"{name:<14} {best[name]:>9.1f} {ratio:>6.2f}x{flag}")
+        flag = "" if ratio >= 0.9 or name not in own else "  < 0.9 target"
+        if name in own:
+            predicted = step_ms / (step_ms + own[name] - own["sft"])
+            print(f"{name:<14} {best[name]:>9.1f} {ratio:>6.2f}x   {own[name]:>6.2f}  {predicted:>18.3f}x{flag}")
+        else:
+            print(f"{name:<14} {best[name]:>9.1f} {ratio:>6.2f}x   {'-':>6}  {'-':>19}{flag}")
 
 
 if __name__ == "__main__":

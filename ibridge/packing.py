@@ -1,47 +1,106 @@
-"""Padding-free packing of right-padded micro-batches for the training forward pass.
+"""The training forward: padding-free packing, and log-probs at scored tokens only.
 
-A batch of sequences of uneven length wastes the positions its padding fills (about
-38% of a DPO forward on the toy data, BENCHMARKS.md). Packing places the sequences
-end to end in fewer, longer rows; a block-diagonal causal mask and per-sequence
-position ids make every real token's logits those of the padded forward, so the
-objectives (DESIGN.md §2), which only read real tokens, see the same loss and
-gradients up to float rounding. The batches themselves are unchanged, unlike
-length-grouped batching, which re-weights the data (rejected in BENCHMARKS.md).
+Packing. A batch of sequences of uneven length wastes the positions its padding fills
+(about 38% of a DPO forward on the toy data, BENCHMARKS.md; more with long-tailed
+conversations). Packing places the sequences end to end in fewer rows, each with its own
+position ids (0, 1, ...). Given position ids and no attention mask, transformers finds the
+sequence boundaries itself (``masking_utils.find_packed_sequence_indices``) and keeps each
+sequence to itself on every attention path:
+
+* ``eager`` and ``sdpa``: a block-diagonal causal mask per row. Attention is dense within
+  a row, so sequences go first-fit-decreasing into several rows of at most PACK_FACTOR x
+  the batch's padded length (layout ``rows``).
+* ``flash_attention_2`` / ``_3``: variable-length kernels from the position ids, which
+  transformers reads only from a single row; ``flex_attention``: a document BlockMask that
+  skips the other sequences' blocks. Every sequence goes into one row (layout ``row``).
+
+Other attention implementations and model families cannot pack: the loop says so once in
+the log and runs them padded. The logits at every real token, hence the loss and the
+gradients, are those of the padded forward up to float rounding (tests/test_packing.py);
+the batches are unchanged, unlike length-grouped batching, which re-weights the data
+(rejected in BENCHMARKS.md).
+
+Scored tokens only. The objectives (DESIGN.md §2) read ``log pi`` at response tokens
+alone, so `scored_logps` asks the model for logits at those positions only
+(``logits_to_keep`` as a mask), and where the logits of a micro-batch would exceed
+FUSED_HEAD_BYTES, it takes the final hidden states and applies the head in chunks
+without ever holding the logits (ibridge/lmhead.py; docs/memory.md).
 """
 
 from __future__ import annotations
 
-import torch
+import logging
 
+import torch
+import transformers.modeling_utils
+
+from ibridge.lmhead import linear_label_logps, plain_head
+from ibridge.objectives.logprobs import label_logps, token_logps
 from ibridge.runtime import Runtime
 
-# Padding-free packing. Rows hold up to PACK_FACTOR x the batch's padded length: on the
-# toy model (eager attention, CPU) 1.5-2x left the least work per token (DPO pairs:
-# 38% padding -> about 6%). Packing that would save under PACK_MIN_SAVING of the positions
-# is skipped (a batch of equal lengths runs as it is).
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+# Rows hold up to PACK_FACTOR x the batch's padded length (layout "rows"): on the toy model
+# (eager attention, CPU) 1.5-2x left the least work per token (DPO pairs: 38% padding ->
+# about 6%). Packing that would save under PACK_MIN_SAVING of the positions is skipped (a
+# batch of equal lengths runs as it is).
 PACK_FACTOR = 1.5
 PACK_MIN_SAVING = 0.05
-# Model families whose forward takes a 4D additive attention mask and `position_ids` as
-# given (transformers' Llama-style attention), with eager attention only: sdpa and flash
-# kernels on GPUs have padding-free paths of their own.
-PACKABLE_MODEL_TYPES = frozenset({"llama"})
+# Attention implementation -> how packed sequences are laid out (module docstring).
+PACKING_LAYOUTS = {"eager": "rows", "sdpa": "rows", "flash_attention_2": "row", "flash_attention_3": "row",
+                   "flex_attention": "row"}
+# Model families whose masks transformers builds from packed position ids (create_causal_mask),
+# checked packed against padded in tests/test_packing.py.
+PACKABLE_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral"})
+# Micro-batches whose float32 logits at scored tokens would exceed this run the chunked head
+# of ibridge/lmhead.py (one more head matmul, no logits held); smaller ones keep the logits,
+# which is faster. 256 MiB: never on the toy model, always at a 128k vocabulary and a few
+# hundred scored tokens (docs/memory.md).
+FUSED_HEAD_BYTES = 256 * 2**20
+# transformers >= 5.x: logits_to_keep may be a boolean (batch, seq) mask (modeling_utils.slice_logits_to_keep).
+_MASK_LOGITS_TO_KEEP = hasattr(transformers.modeling_utils, "slice_logits_to_keep")
+
+_said: set[str] = set()
 
 
-def packing_supported(model: torch.nn.Module, runtime: Runtime) -> bool:
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        log.warning(message)
+
+
+def packing_layout(model: torch.nn.Module) -> str | None:
+    """``rows``, ``row`` or None (this model and attention implementation cannot pack; logged once)."""
     config = getattr(model, "config", None)
-    return runtime.attn_implementation == "eager" and getattr(config, "model_type", None) in PACKABLE_MODEL_TYPES
+    model_type = getattr(config, "model_type", None)
+    attn = getattr(config, "_attn_implementation", None)
+    layout = PACKING_LAYOUTS.get(attn)
+    if model_type not in PACKABLE_MODEL_TYPES:
+        _say_once(f"padding-free packing: not checked for model type {model_type!r} (packable: "
+                  f"{', '.join(sorted(PACKABLE_MODEL_TYPES))}); micro-batches run padded")
+        return None
+    if layout is None:
+        _say_once(f"padding-free packing: attention implementation {attn!r} takes no packed sequences "
+                  f"(packable: {', '.join(PACKING_LAYOUTS)}); micro-batches run padded")
+    return layout
 
 
-def pack_plan(attention_mask: torch.Tensor, factor: float = PACK_FACTOR):
-    """Where each token of a right-padded batch goes when its sequences are packed into rows.
+def packing_supported(model: torch.nn.Module, runtime: Runtime | None = None) -> bool:
+    return packing_layout(model) is not None
 
-    attention_mask (B, T), right padding. Sequences are placed first-fit-decreasing into
-    rows of at most ``max(T, factor * T)`` tokens. Returns None when the batch is not
-    right-padded or packing would save little; else a dict with ``rows`` R, ``width`` L,
-    ``dst`` (B, T): each padded position's index in the flattened (R * L) packed layout
-    (0 for padding), ``valid`` (B, T) bool, ``positions`` and ``segments`` (R, L): the
-    position of each packed token within its sequence and the sequence's row in the
-    batch (-1 for the packed rows' own padding).
+
+def pack_plan(attention_mask: torch.Tensor, factor: float = PACK_FACTOR, layout: str = "rows"):
+    """Where each token of a right-padded batch goes when its sequences are packed.
+
+    attention_mask (B, T), right padding. Layout ``rows``: sequences first-fit-decreasing
+    into rows of at most ``max(T, factor * T)`` tokens; layout ``row``: all in one row.
+    Returns None when the batch is not right-padded or packing would save little; else a
+    dict with ``rows`` R, ``width`` L, ``dst`` (B, T): each padded position's index in the
+    flattened (R * L) packed layout (0 for padding), ``valid`` (B, T) bool, ``positions``
+    and ``segments`` (R, L): the position of each packed token within its sequence and the
+    sequence's row in the batch (-1 for the packed rows' own padding, whose positions count
+    from 0 again so that they form sequences of their own).
     """
     batch, width = attention_mask.shape
     device = attention_mask.device
@@ -51,7 +110,7 @@ def pack_plan(attention_mask: torch.Tensor, factor: float = PACK_FACTOR):
     if not torch.equal(valid, steps < lengths_t.unsqueeze(1)):
         return None  # not right-padded
     lengths = lengths_t.tolist()
-    cap = max(width, int(factor * width))
+    cap = sum(lengths) if layout == "row" else max(width, int(factor * width))
     used: list[int] = []
     row_of = [0] * batch
     offset = [0] * batch
@@ -68,7 +127,11 @@ def pack_plan(attention_mask: torch.Tensor, factor: float = PACK_FACTOR):
     start = torch.tensor(row_of, device=device) * packed_width + torch.tensor(offset, device=device)  # (B,)
     dst = (start.unsqueeze(1) + steps).masked_fill_(~valid, 0)  # (B, T)
     flat = dst[valid]  # (N,)
-    positions = torch.zeros(rows * packed_width, dtype=torch.long, device=device)
+    filled = torch.zeros(rows * packed_width, dtype=torch.bool, device=device)
+    filled[flat] = True
+    # Row padding counts 0, 1, ... from its own start: a sequence of its own, never the tail of a real one.
+    tail = (~filled).view(rows, packed_width).long()
+    positions = (tail.cumsum(1) - 1).clamp_(min=0).view(-1)
     positions[flat] = steps.expand(batch, width)[valid]
     segments = torch.full((rows * packed_width,), -1, dtype=torch.long, device=device)
     segments[flat] = torch.arange(batch, device=device).unsqueeze(1).expand(batch, width)[valid]
@@ -77,39 +140,119 @@ def pack_plan(attention_mask: torch.Tensor, factor: float = PACK_FACTOR):
 
 
 class PackedForward:
-    """Calls `model` on a right-padded batch packed without its padding; logits come back padded.
+    """The module the training loop calls: `model` with packed micro-batches and a scored-token head.
 
-    Each sequence keeps its own positions (0, 1, ...) and attends only to itself (a
-    block-diagonal causal mask), so the logits at every real token, hence the loss and
-    the gradients, are those of the padded forward up to float rounding; the padded
-    positions, which every objective masks out, get arbitrary logits. A call with
-    `labels`, `position_ids` or a cache, and a batch `pack_plan` declines, run unpacked.
+    Whether and how it packs follows the model's attention implementation (`packing_layout`;
+    ``pack=False``: never). ``fused_head``: the chunked head of ibridge/lmhead.py may run
+    outside the model's forward (one process or DDP, a plain ``nn.Linear`` head). Calling it
+    like the model returns logits in the padded layout (objectives that need whole logits:
+    pretraining); `scored_logps` returns the log-probs the objectives need, without logits at
+    unscored positions. A call with `labels`, `position_ids` or a cache, or a batch
+    `pack_plan` declines, runs unpacked.
     """
 
-    def __init__(self, model, factor: float = PACK_FACTOR):
+    def __init__(self, model, pack: bool = True, factor: float = PACK_FACTOR, fused_head: bool = False):
         self.model = model
+        base = getattr(model, "module", model)  # DDP's module
+        self.layout = packing_layout(base) if pack else None
+        # Eager attention gets the block-diagonal mask as an explicit additive 4D mask, which
+        # it takes with or without a cache (the toy base's pretraining has used exactly this
+        # since packing came in; the same floats keep the cached base reproducible). The
+        # other paths build their mask from the position ids, which transformers reads only
+        # without a cache.
+        self.explicit_mask = getattr(getattr(base, "config", None), "_attn_implementation", None) == "eager"
         self.factor = factor
+        self.fused_head = fused_head
 
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    def __call__(self, input_ids=None, attention_mask=None, **kwargs):
-        plan = None
-        if input_ids is not None and attention_mask is not None and attention_mask.dim() == 2 \
-                and not {"position_ids", "labels", "past_key_values"} & kwargs.keys():
-            plan = pack_plan(attention_mask, self.factor)
-        if plan is None:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        rows, width, dst, valid = plan["rows"], plan["width"], plan["dst"], plan["valid"]
+    def _plan(self, input_ids, attention_mask):
+        if self.layout is None or input_ids is None or attention_mask is None or attention_mask.dim() != 2:
+            return None
+        return pack_plan(attention_mask, self.factor, self.layout)
+
+    def _packed_inputs(self, plan, input_ids) -> dict:
+        """input_ids (R, L) and the position ids, plus the mask or use_cache=False (above)."""
+        rows, width, valid = plan["rows"], plan["width"], plan["valid"]
         packed = torch.zeros(rows * width, dtype=input_ids.dtype, device=input_ids.device)
-        packed[dst[valid]] = input_ids[valid]
+        packed[plan["dst"][valid]] = input_ids[valid]
+        inputs = {"input_ids": packed.view(rows, width), "position_ids": plan["positions"]}
+        if not self.explicit_mask:
+            inputs["use_cache"] = False
+            return inputs
         segments = plan["segments"]
         allowed = (segments.unsqueeze(2) == segments.unsqueeze(1)) & torch.ones(
             width, width, dtype=torch.bool, device=input_ids.device).tril()  # (R, L, L)
         mask = torch.zeros(rows, 1, width, width, device=input_ids.device)
-        mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(mask.dtype).min)  # (R, 1, L, L) additive
-        out = self.model(input_ids=packed.view(rows, width), attention_mask=mask, position_ids=plan["positions"],
-                         **kwargs)
+        inputs["attention_mask"] = mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(mask.dtype).min)  # additive
+        return inputs
+
+    def __call__(self, input_ids=None, attention_mask=None, **kwargs):
+        plan = None
+        if not {"position_ids", "labels", "past_key_values", "cache"} & kwargs.keys():
+            plan = self._plan(input_ids, attention_mask)
+        if plan is None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        out = self.model(**{**kwargs, **self._packed_inputs(plan, input_ids)})
         logits = out.logits  # (R, L, V)
-        out.logits = logits.reshape(rows * width, -1)[dst.view(-1)].view(*input_ids.shape, -1)  # (B, T, V)
-        return out
+        dst = plan["dst"]
+        out.logits = logits.reshape(plan["rows"] * plan["width"], -1)[dst.view(-1)].view(*input_ids.shape, -1)
+        return out  # logits (B, T, V)
+
+    def scored_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+        """``token_logps(model(input_ids, attention_mask).logits, labels)``, computed at scored tokens only.
+
+        input_ids, attention_mask, labels (B, T), right padding. Returns logps (B, T-1)
+        float32 (0.0 where unscored) and the mask (B, T-1) bool.
+        """
+        batch, width = input_ids.shape
+        targets = torch.cat([labels[:, 1:], labels.new_full((batch, 1), IGNORE_INDEX)], dim=1)  # (B, T): next token
+        scored = targets != IGNORE_INDEX  # (B, T)
+        plan = self._plan(input_ids, attention_mask)
+        if plan is None:
+            ids, inputs, keep, flat_targets = input_ids, {"attention_mask": attention_mask}, scored, targets
+        else:
+            rows, packed_width, dst, valid = plan["rows"], plan["width"], plan["dst"], plan["valid"]
+            inputs = self._packed_inputs(plan, input_ids)
+            ids = inputs.pop("input_ids")
+            keep = torch.zeros(rows * packed_width, dtype=torch.bool, device=ids.device)
+            keep[dst[scored]] = True
+            keep = keep.view(rows, packed_width)  # (R, L)
+            flat_targets = torch.zeros(rows * packed_width, dtype=targets.dtype, device=ids.device)
+            flat_targets[dst[valid]] = targets[valid]
+        picked = flat_targets.reshape(-1)[keep.reshape(-1)]  # (S,) in row-major order of `ids`
+        head = plain_head(self.model) if self.fused_head else None
+        vocab = head.weight.shape[0] if head is not None else 0
+        if head is not None and picked.numel() * vocab * 4 > FUSED_HEAD_BYTES:
+            out = self.model(input_ids=ids, **{"use_cache": False, **inputs}, output_hidden_states=True,
+                             logits_to_keep=1)
+            hidden = out.hidden_states[-1][keep]  # (S, H): the final (normed) hidden states at scored tokens
+            values = linear_label_logps(hidden, head.weight, head.bias, picked)  # (S,)
+        elif _MASK_LOGITS_TO_KEEP:
+            logits = self.model(input_ids=ids, **{"use_cache": False, **inputs}, logits_to_keep=keep).logits  # (S, V)
+            values = label_logps(logits, picked)  # (S,)
+        else:
+            logits = self.model(input_ids=ids, **{"use_cache": False, **inputs}).logits  # (rows, width, V)
+            values = label_logps(logits[keep], picked)
+        flat = torch.zeros(keep.numel(), dtype=values.dtype, device=values.device).masked_scatter(
+            keep.reshape(-1), values)  # (rows * width,) in the layout of `ids`
+        logps = flat.view(batch, width) if plan is None else flat[plan["dst"]].masked_fill(~scored, 0.0)  # (B, T)
+        return logps[:, :-1], scored[:, :-1]
+
+
+def training_forward(trained, model, runtime: Runtime, pack: bool = True) -> PackedForward:
+    """What the loop calls: `trained` (the model, or DDP around it) packed where `model` can pack,
+    with the chunked head where it may run outside the forward (not under FSDP or DeepSpeed,
+    whose parameters are sharded or wrapped outside the model's own forward)."""
+    fused = runtime.dist.mode in ("none", "ddp") and plain_head(model) is not None
+    return PackedForward(trained, pack, fused_head=fused)
+
+
+def scored_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logps (B, T-1), mask (B, T-1)) of a right-padded batch's labelled tokens under `model`:
+    through `PackedForward.scored_logps` in the training loop, else from the model's logits."""
+    if isinstance(model, PackedForward):
+        return model.scored_logps(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    return token_logps(logits, batch["labels"])  # (B, T-1)

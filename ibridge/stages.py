@@ -30,7 +30,7 @@ from ibridge.models import (
 )
 from ibridge.objectives import build_objective
 from ibridge.objectives.logprobs import sequence_logps, token_logps
-from ibridge.packing import PackedForward, packing_supported
+from ibridge.packing import PackedForward, packing_supported, scored_logps
 from ibridge.refcache import cached_reference_logps
 from ibridge.training import OptimSettings, optimise
 
@@ -53,11 +53,13 @@ def demonstration_step(objective, reference=None):
                          "(demonstration_step(objective, reference=...))")
 
     def compute(model, batch):
+        if not objective.needs_reference_logits:
+            logps, mask = scored_logps(model, batch)  # (B, T-1): packed, logits at scored tokens only
+            return objective(logps, batch.get("ref_logps"), mask)
+        # A KL over the vocabulary needs every scored position's whole distribution, both models'.
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
         logits = model(**inputs).logits  # (B, T, V); no KV cache: nothing is generated
         logps, mask = token_logps(logits, batch["labels"])  # (B, T-1)
-        if not objective.needs_reference_logits:
-            return objective(logps, batch.get("ref_logps"), mask)
         with torch.no_grad():
             ref_logits = reference(**inputs).logits  # (B, T, V)
         return objective(logps, batch.get("ref_logps"), mask, logits=logits, ref_logits=ref_logits)
@@ -84,9 +86,7 @@ def preference_step(objective):
     """compute(model, batch) for preference objectives: chosen and rejected in one forward."""
 
     def compute(model, batch):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       use_cache=False).logits  # (2B, T, V)
-        logps, mask = token_logps(logits, batch["labels"])  # (2B, T-1)
+        logps, mask = scored_logps(model, batch)  # (2B, T-1)
         chosen, rejected = sequence_logps(logps, mask).chunk(2)  # (B,), (B,)
         return objective(chosen, rejected, batch["ref_chosen"], batch["ref_rejected"])
 

@@ -31,7 +31,7 @@ from transformers import get_scheduler
 from ibridge.batching import micro_batch_weight, optimiser_steps, scored_tokens, steps_per_epoch
 from ibridge.checkpointing import has_state, load_state, save_state
 from ibridge.distributed import all_reduce_sum, parameter_checksums, wrap
-from ibridge.packing import PackedForward, packing_supported
+from ibridge.packing import training_forward
 from ibridge.runtime import Runtime
 from ibridge.updates import NonFiniteLoss, TorchUpdate
 
@@ -189,8 +189,7 @@ def optimise(
     else:
         updater = TorchUpdate(model, trained, optimizer, scheduler, settings.max_grad_norm, desc)
     trained = updater.trained
-    if settings.pack_sequences and packing_supported(model, runtime):
-        trained = PackedForward(trained)
+    trained = training_forward(trained, model, runtime, pack=settings.pack_sequences)
 
     def save(step: int) -> None:
         # Every rank calls (under FSDP each takes part in gathering the state); rank 0 alone
