@@ -71,6 +71,11 @@ def evaluate_checkpoint(
                 "lc_win_rate": stats.length_controlled_win_rate(prefs, lengths, ref_lengths),
             }
         )
+        # Subsets the data names, each scored on its own: the toy world's `retained_skill` (gold
+        # reward on tasks only pretraining taught, REPRODUCTION.md) and `taught_skill`.
+        for name, mask in getattr(source, "eval_slices", lambda _prompts: {})(prompts).items():
+            if any(mask):
+                metrics[name] = float(rewards[np.asarray(mask, dtype=bool)].mean())
     if reference_path is not None:
         pad = tokenizer.pad_token_id
         reference = load_model(reference_path, runtime)
