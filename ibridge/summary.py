@@ -191,9 +191,11 @@ class SweepSummary(Callback):
         self._job_started = time.perf_counter()
 
     def on_job_end(self, config, job_return, **kwargs) -> None:
+        if getattr(self, "_started", None) is None:
+            return  # a single run (not a sweep) prints its own table
         try:
-            print(progress_line(config, job_return, getattr(self, "_job_started", None),
-                                getattr(self, "_started", None)), flush=True)
+            print(progress_line(config, job_return, getattr(self, "_job_started", None), self._started),
+                  flush=True)
         except Exception as err:  # progress output must never fail a cell
             print(f"ibridge: could not print the cell's progress line: {err}", file=sys.stderr)
 

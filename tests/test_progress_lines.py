@@ -19,3 +19,9 @@ def test_a_progress_line_per_finished_cell(two_cell_sweep):
         dpo = json.loads((folder / "results.json").read_text())["eval_by_stage"]["dpo"]
         assert float(match.group(3)) == round(dpo["win_rate"], 3)
         assert float(match.group(4)) == round(dpo["gold_reward"], 3)
+
+
+def test_no_progress_line_for_a_single_run(smoke_run):
+    # one pipeline prints its own table; the per-cell line is for sweeps only
+    out = (smoke_run.parent / "stdout.txt").read_text()
+    assert "pipeline — completed" in out and "ibridge: cell #" not in out
