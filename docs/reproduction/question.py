@@ -28,6 +28,8 @@ METRICS = {
     "train.sft.kl_token": "Δ KL/token SFT",
     "eval.sft.retained_skill": "Δ SFT retained",
     "eval.dpo.retained_skill": "Δ DPO retained",
+    "eval.dpo.taught_skill": "Δ DPO taught",
+    "eval.dpo.kl_to_ref": "Δ DPO KL to SFT",
 }
 BASE_KEY = "model.pretrain.seed"
 
@@ -114,7 +116,7 @@ def means(root: Path, title: str, arms: list[tuple[str, tuple]], metrics: list[s
 
 def main(root: Path) -> None:
     core = ["eval.dpo.gold_reward", "eval.dpo.win_rate", "eval.sft.gold_reward", "train.sft.kl_token"]
-    forget = core + ["eval.sft.retained_skill", "eval.dpo.retained_skill"]
+    forget = core + ["eval.sft.retained_skill", "eval.dpo.retained_skill", "eval.dpo.taught_skill"]
     for grid, world, metrics in (("length", "default world", core), ("forgetting", "world=forgetting", forget)):
         w = {"world": "forgetting"} if grid == "forgetting" else {}
         sft2, sft8 = arm(grid, "sft", 1e-3, **{"sft.epochs": 2}, **w), arm(grid, "sft", 1e-3, **{"sft.epochs": 8}, **w)
@@ -132,14 +134,20 @@ def main(root: Path) -> None:
                      ("jsd beta 1 vs sft, 2 epochs",
                       arm(grid, "jsd", 1e-3, **{"sft.epochs": 2, "objective.beta": 1.0}), sft2),
                      ("jsd beta 1 vs beta 0.1, 2 epochs",
-                      arm(grid, "jsd", 1e-3, **{"sft.epochs": 2, "objective.beta": 1.0}), jsd2)]
+                      arm(grid, "jsd", 1e-3, **{"sft.epochs": 2, "objective.beta": 1.0}), jsd2),
+                     ("jsd beta 0.01 vs sft, 2 epochs",
+                      arm(grid, "jsd", 1e-3, **{"sft.epochs": 2, "objective.beta": 0.01}), sft2),
+                     ("jsd beta 0.01 vs tv (beta 0.1), 2 epochs",
+                      arm(grid, "jsd", 1e-3, **{"sft.epochs": 2, "objective.beta": 0.01}),
+                      arm(grid, "tv", 1e-3, **{"sft.epochs": 2}))]
         else:
-            rows += [("chi2 vs sft, 8 epochs", arm(grid, "chi2", 1e-3, **{"sft.epochs": 8}, **w), sft8)]
+            rows += [(f"{o} vs sft, 8 epochs", arm(grid, o, 1e-3, **{"sft.epochs": 8}, **w), sft8)
+                     for o in ("chi2", "hellinger", "rkl")]
         print_rows(root, f"{world}: SFT length, learning rate, objective", rows, metrics)
         arms = [("sft 1e-3, 2 ep", sft2), ("sft 3e-4, 2 ep", low2), ("jsd, 2 ep", jsd2),
                 ("sft 1e-3, 8 ep", sft8), ("sft 3e-4, 8 ep", low8), ("jsd, 8 ep", jsd8)]
         if grid == "forgetting":
-            arms.append(("chi2, 8 ep", arm(grid, "chi2", 1e-3, **{"sft.epochs": 8}, **w)))
+            arms += [(f"{o}, 8 ep", arm(grid, o, 1e-3, **{"sft.epochs": 8}, **w)) for o in ("chi2", "hellinger", "rkl")]
         means(root, world, arms, ["eval.base.gold_reward"] + metrics)
 
     # The optimiser: clipping on (the default, from the length grid), off, and plain SGD.
@@ -159,17 +167,23 @@ def main(root: Path) -> None:
         (f"SGD {sgd_lr:g}, no clip: jsd vs tv", arm("optimiser", "jsd", sgd_lr, **sgd),
          arm("optimiser", "tv", sgd_lr, **sgd)),
         ("sft: AdamW no clip vs clip 1", arm("optimiser", "sft", 1e-3, **off), arm("length", "sft", 1e-3, **on)),
+        ("jsd: AdamW no clip vs clip 1", arm("optimiser", "jsd", 1e-3, **off), arm("length", "jsd", 1e-3, **on)),
     ]
     print_rows(root, "default world: the optimiser (2 SFT epochs)", rows, core)
 
-    rows = [(f"dpo.lr {d}: jsd vs sft", arm("dpo-strength", "jsd", 1e-3, **{"dpo.lr": d}),
-             arm("dpo-strength", "sft", 1e-3, **{"dpo.lr": d})) for d in (1.5e-4, 1.5e-3)]
-    rows.insert(1, ("dpo.lr 5e-4 (default): jsd vs sft", arm("length", "jsd", 1e-3, **on),
-                    arm("length", "sft", 1e-3, **on)))
-    print_rows(root, "default world: strength of the DPO stage (2 SFT epochs)", rows, core)
-    means(root, "default world, DPO strength", [
-        (f"{o}, dpo.lr {d}", arm("dpo-strength", o, 1e-3, **{"dpo.lr": d})) for d in (1.5e-4, 1.5e-3)
-        for o in ("sft", "jsd")], ["eval.sft.gold_reward", "eval.dpo.gold_reward", "eval.dpo.win_rate"])
+    # The strength of the DPO stage, in the world where drift costs something: does a weaker or a
+    # stronger DPO change what the smaller SFT learning rate buys?
+    fw = {"world": "forgetting"}
+    rows = [(f"dpo.lr {d}: sft lr 3e-4 vs 1e-3", arm("dpo-strength", "sft", 3e-4, **{"dpo.lr": d}, **fw),
+             arm("dpo-strength", "sft", 1e-3, **{"dpo.lr": d}, **fw)) for d in (1.5e-4, 1.5e-3)]
+    rows.insert(1, ("dpo.lr 5e-4 (default): sft lr 3e-4 vs 1e-3",
+                    arm("forgetting", "sft", 3e-4, **{"sft.epochs": 2}, **fw),
+                    arm("forgetting", "sft", 1e-3, **{"sft.epochs": 2}, **fw)))
+    print_rows(root, "world=forgetting: strength of the DPO stage (2 SFT epochs)", rows, forget)
+    means(root, "world=forgetting, DPO strength", [
+        (f"sft {lr:g}, dpo.lr {d}", arm("dpo-strength", "sft", lr, **{"dpo.lr": d}, **fw))
+        for d in (1.5e-4, 1.5e-3) for lr in (1e-3, 3e-4)],
+        ["eval.dpo.gold_reward", "eval.dpo.win_rate", "eval.dpo.retained_skill", "eval.dpo.kl_to_ref"])
 
 
 def _sgd_lr(root: Path) -> float:
