@@ -5,7 +5,9 @@ BIN := $(VENV)/bin
 # CPU build of torch unless the machine has a GPU (a bare `torch` pulls a multi-GB CUDA build).
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: help setup setup-deepspeed run smoke test test-fast lint bench-objectives bench-trl bench-scale gpu-check measure reproduce clean
+.PHONY: help setup setup-deepspeed run smoke test test-fast lint bench-objectives bench-trl bench-scale gpu-check measure \
+	reproduce reproduce-lr reproduce-divergence reproduce-length reproduce-forgetting reproduce-optimiser \
+	reproduce-dpo-strength clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -68,8 +70,39 @@ gpu-check: setup  ## bf16 steps, bf16/fp32 loss parity, memory, resume, NCCL on 
 	$(BIN)/python benchmarks/gpu_check.py
 
 REPRO_DIR ?= multirun/reproduce
-reproduce: setup  ## both grids on the toy world, 3 base models x 3 seeds each, then the reports (~20 min on 2 cores)
-	$(BIN)/ibridge -m grid=lr model.pretrain.seed=null,1,2 hydra.sweep.dir=$(REPRO_DIR)/lr
+# The question grids of REPRODUCTION.md ("When does staying near the reference pay?"): three toy
+# base models, one or two seeds, the cells as measured there (one thread each, no wandb), run two
+# at a time (joblib; about half the time of one by one on 2 cores).
+BASES := model.pretrain.seed=null,1,2
+CELL := $(BASES) trainer.num_threads=1 logger=none hydra/launcher=parallel
+SGD_LR ?= 0.3
+GRIDS := lr divergence length forgetting optimiser dpo-strength
+reproduce: setup  ## every grid below, then the reports; prints the total time (~50 min on 2 quiet cores, estimated)
+	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory $(addprefix reproduce-,$(GRIDS)) || exit 1; \
+	echo "make reproduce: $(words $(GRIDS)) grids in $$(( $$(date +%s) - start )) s"
+reproduce-lr: setup  ## SFT lr 1e-3..3e-5, 3 bases x 3 seeds (36 pipelines)
+	$(BIN)/ibridge -m grid=lr $(BASES) hydra.sweep.dir=$(REPRO_DIR)/lr
 	$(BIN)/ibridge report report.path=$(REPRO_DIR)/lr logger=none
-	$(BIN)/ibridge -m grid=divergence model.pretrain.seed=null,1,2 hydra.sweep.dir=$(REPRO_DIR)/divergence
+reproduce-divergence: setup  ## sft vs chi2, hellinger, jsd, rkl, 3 bases x 3 seeds (45 pipelines)
+	$(BIN)/ibridge -m grid=divergence $(BASES) hydra.sweep.dir=$(REPRO_DIR)/divergence
 	$(BIN)/ibridge report report.path=$(REPRO_DIR)/divergence logger=none
+reproduce-length: setup  ## default world: 2 vs 8 SFT epochs x (sft 1e-3, 3e-4, jsd), tv, jsd beta 0.01 and 1 (45 pipelines)
+	$(BIN)/ibridge -m objective=sft lr=1e-3,3e-4 sft.epochs=2,8 seed=0,1 $(CELL) hydra.sweep.dir=$(REPRO_DIR)/length
+	$(BIN)/ibridge -m objective=jsd,tv lr=1e-3 sft.epochs=2 seed=0,1 $(CELL) hydra.sweep.dir=$(REPRO_DIR)/length
+	$(BIN)/ibridge -m objective=jsd lr=1e-3 sft.epochs=8 seed=0 $(CELL) hydra.sweep.dir=$(REPRO_DIR)/length
+	$(BIN)/ibridge -m objective=jsd lr=1e-3 sft.epochs=2 objective.beta=0.01,1.0 seed=0 $(CELL) hydra.sweep.dir=$(REPRO_DIR)/length
+	$(BIN)/ibridge report report.path=$(REPRO_DIR)/length logger=none
+reproduce-forgetting: setup  ## world=forgetting: the same arms where the base knows tasks SFT never shows (45 pipelines)
+	$(BIN)/ibridge -m world=forgetting objective=sft lr=1e-3,3e-4 sft.epochs=2,8 seed=0,1 $(CELL) hydra.sweep.dir=$(REPRO_DIR)/forgetting
+	$(BIN)/ibridge -m world=forgetting objective=jsd lr=1e-3 sft.epochs=2 seed=0 $(CELL) hydra.sweep.dir=$(REPRO_DIR)/forgetting
+	$(BIN)/ibridge -m world=forgetting objective=jsd,chi2 lr=1e-3 sft.epochs=8 seed=0,1 $(CELL) hydra.sweep.dir=$(REPRO_DIR)/forgetting
+	$(BIN)/ibridge -m world=forgetting objective=hellinger,rkl lr=1e-3 sft.epochs=8 seed=0 $(CELL) hydra.sweep.dir=$(REPRO_DIR)/forgetting
+	$(BIN)/ibridge report report.path=$(REPRO_DIR)/forgetting logger=none
+reproduce-optimiser: setup  ## AdamW without clipping (sft, jsd) and plain SGD (sft, tv, jsd at SGD_LR) (30 pipelines)
+	$(BIN)/ibridge -m objective=sft,jsd lr=1e-3 sft.optimizer=adamw sft.max_grad_norm=1e9 seed=0,1 $(CELL) hydra.sweep.dir=$(REPRO_DIR)/optimiser
+	$(BIN)/ibridge -m objective=sft,tv,jsd lr=$(SGD_LR) sft.optimizer=sgd sft.max_grad_norm=1e9 seed=0,1 $(CELL) hydra.sweep.dir=$(REPRO_DIR)/optimiser
+	$(BIN)/ibridge report report.path=$(REPRO_DIR)/optimiser logger=none
+reproduce-dpo-strength: setup  ## world=forgetting: sft lr 1e-3 vs 3e-4 under a weaker and a stronger DPO (dpo.lr 1.5e-4, 1.5e-3) (24 pipelines)
+	$(BIN)/ibridge -m world=forgetting objective=sft lr=1e-3,3e-4 dpo.lr=1.5e-4,1.5e-3 seed=0,1 $(CELL) hydra.sweep.dir=$(REPRO_DIR)/dpo-strength
+	$(BIN)/ibridge report report.path=$(REPRO_DIR)/dpo-strength logger=none

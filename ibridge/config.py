@@ -104,6 +104,8 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{stage}.weight_decay: expected a number >= 0")
         if OmegaConf.select(cfg, f"{stage}.weight_decay") < 0:
             raise ConfigError(f"{stage}.weight_decay: expected a number >= 0")
+        if OmegaConf.select(cfg, f"{stage}.optimizer", default="adamw") not in ("adamw", "sgd"):
+            raise ConfigError(f"{stage}.optimizer={OmegaConf.select(cfg, f'{stage}.optimizer')!r}: expected adamw or sgd")
     _positive_int(cfg, "eval.max_new_tokens")
     _positive_int(cfg, "eval.batch_size")
     _positive_int(cfg, "model.max_length")

@@ -205,6 +205,7 @@ def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path
         schedule=str(cfg.schedule.name),
         seed=int(cfg.seed),
         pack_sequences=bool(cfg.trainer.get("pack_sequences", True)),
+        optimizer=str(opt_cfg.get("optimizer", "adamw")),
     )
     ctx.logger.start(stage, run_name or stage, {"stage": stage, "stage_objective": objective.name, "stage_lr": lr},
                      home=out_dir)  # keeps the run id: a resumed stage continues its wandb run

@@ -58,11 +58,18 @@ class OptimSettings:
     # Padding-free packing of each micro-batch where the model supports it
     # (ibridge/packing.py): the same batches, loss and gradients, fewer padded positions.
     pack_sequences: bool = True
+    # adamw (default) or sgd: the control for how an objective's uniform loss scale reaches the update
+    # (AdamW normalises it away, SGD does not; REPRODUCTION.md).
+    optimizer: str = "adamw"
 
     def total_steps(self, n_items: int, world_size: int = 1) -> int:
         """Optimiser steps of the stage: `max_steps`, else `epochs` whole epochs (ibridge/batching.py)."""
         per_epoch = steps_per_epoch(n_items, self.batch_size, self.grad_accum, world_size)
         return self.max_steps if self.max_steps > 0 else self.epochs * per_epoch
+
+
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+"""Optimiser name (a stage's ``optimizer`` setting) -> class; SGD is plain, without momentum."""
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -154,11 +161,10 @@ def optimise(
     trained = wrap(model, dist_info, runtime.device, runtime.precision)
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and "norm" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.ndim < 2 or "norm" in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=settings.lr,
-        foreach=True,
-    )
+    groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if settings.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={settings.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+    optimizer = OPTIMIZERS[settings.optimizer](groups, lr=settings.lr, foreach=True)
     total = settings.total_steps(len(items), world)
     scheduler = get_scheduler(
         settings.schedule if settings.schedule != "constant" else "constant_with_warmup",

@@ -64,6 +64,12 @@ class ToySource:
             return self.world.eval
         raise KeyError(f"toy data has no split {kind!r}; expected one of {', '.join(self.kinds)}")
 
+    def eval_slices(self, prompts: list[str]) -> dict[str, list[bool]]:
+        """Subsets of the eval prompts scored as metrics of their own (ibridge.world.eval_slices)."""
+        from ibridge.world import eval_slices
+
+        return eval_slices(self.world_config, prompts)
+
 
 HELDOUT = {"demonstrations": "heldout_demonstrations", "preferences": "heldout_pairs"}
 BAD_ROWS = ("error", "skip")

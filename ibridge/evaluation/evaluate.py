@@ -108,6 +108,11 @@ def evaluate_checkpoint(
                 "lc_win_rate": stats.length_controlled_win_rate(prefs, lengths, ref_lengths),
             }
         )
+        # Subsets the data names, each scored on its own: the toy world's `retained_skill` (gold
+        # reward on tasks only pretraining taught, REPRODUCTION.md) and `taught_skill`.
+        for name, mask in getattr(source, "eval_slices", lambda _prompts: {})(prompts).items():
+            if any(mask):
+                metrics[name] = float(rewards[np.asarray(mask, dtype=bool)].mean())
     del judge
     _release()
 

@@ -36,7 +36,7 @@ How each split imitates the real setting (DESIGN.md §2):
 No prompt appears in two of demonstrations / preferences / heldout_pairs / eval.
 """
 
-from .build import CORPUS_CORRUPTION_RATE, World, build_world, format_corpus_line, perturb
+from .build import CORPUS_CORRUPTION_RATE, World, build_world, eval_slices, format_corpus_line, perturb
 from .config import WORLD_FORMAT_VERSION, WorldConfig
 from .tasks import DIGITS, TASKS, Judgement, judge, judge_words, make_prompt, parse_prompt, solve
 from .tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tokenizer, vocabulary
@@ -53,6 +53,7 @@ __all__ = [
     "WorldConfig",
     "build_tokenizer",
     "build_world",
+    "eval_slices",
     "format_corpus_line",
     "judge",
     "judge_words",

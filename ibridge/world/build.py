@@ -90,8 +90,8 @@ class World:
 class _PromptSampler:
     """Draws prompts: length uniform in [lo, hi], task uniform, symbols uniform."""
 
-    def __init__(self, config: WorldConfig):
-        self.tasks = config.tasks
+    def __init__(self, config: WorldConfig, tasks: tuple[str, ...] | None = None):
+        self.tasks = tasks or config.tasks
         self.symbols = DIGITS[: config.num_symbols]
 
     def draw(self, rng: random.Random, lo: int, hi: int) -> tuple[str, tuple[str, ...]]:
@@ -172,9 +172,8 @@ def build_world(config: WorldConfig | None = None) -> World:
     lo, hi = config.min_len, config.max_len
     # cheap feasibility check before sampling (rejection sampling handles the rest)
     need_full = config.n_eval + config.n_heldout_pairs + config.n_preference_prompts + config.n_demonstrations
-    if need_full > _capacity(config, lo, hi) or config.n_demonstrations > _capacity(
-        config, lo, config.demo_max_len
-    ):
+    demo_capacity = _capacity(config, lo, config.demo_max_len) * len(config.demonstrated_tasks) // len(config.tasks)
+    if need_full > _capacity(config, lo, hi) or config.n_demonstrations > demo_capacity:
         raise _too_small(f"{need_full} distinct prompts", config)
 
     sampler = _PromptSampler(config)
@@ -222,10 +221,12 @@ def build_world(config: WorldConfig | None = None) -> World:
         if pair is not None:
             world.preferences.append(pair)
 
-    # demonstrations: clean answers on the narrower slice min_len..demo_max_len (UltraChat)
+    # demonstrations: clean answers on the narrower slice min_len..demo_max_len (UltraChat),
+    # of the demonstrated tasks only (all of them unless demo_tasks withholds some)
     rng = rng_for("demonstrations")
+    demo_sampler = _PromptSampler(config, config.demonstrated_tasks)
     drawn = _draw_unique(
-        rng, sampler, config.n_demonstrations, lo, config.demo_max_len, used, "demonstration", config
+        rng, demo_sampler, config.n_demonstrations, lo, config.demo_max_len, used, "demonstration", config
     )
     world.demonstrations = [{"prompt": p, "response": " ".join(a)} for p, a in drawn]
 
@@ -243,3 +244,17 @@ def build_world(config: WorldConfig | None = None) -> World:
             answer = perturb(answer, CORPUS_CORRUPTION_RATE, rng, alphabet, at_least_one=True)
         world.corpus.append(format_corpus_line(prompt, answer))
     return world
+
+
+def eval_slices(config: WorldConfig, prompts: Sequence[str]) -> dict[str, list[bool]]:
+    """Named subsets of evaluation prompts, each scored as its own metric (gold reward on it).
+
+    In a world that withholds tasks from the demonstrations (``demo_tasks``):
+    ``retained_skill``, the prompts of base-only tasks, which only pretraining taught, so
+    their gold reward after SFT measures what SFT kept of the base's knowledge; and
+    ``taught_skill``, the prompts of demonstrated tasks. Empty for the default world.
+    """
+    if not config.base_only_tasks:
+        return {}
+    retained = [prompt.split(maxsplit=1)[0] in config.base_only_tasks for prompt in prompts]
+    return {"retained_skill": retained, "taught_skill": [not r for r in retained]}

@@ -38,6 +38,10 @@ class WorldConfig:
     - ``generator_noise``: per-token error rates of the pool of "generator models"; each
       candidate response comes from one of them, chosen uniformly at random (an addition to
       the brief's field list, with the brief's example rates as default).
+    - ``demo_tasks``: the tasks the demonstrations cover (empty: all of ``tasks``). The others
+      are *base-only* skills: in the pretraining corpus, the preference pairs and evaluation,
+      never demonstrated, so what SFT erodes of them is measurable on its own
+      (``eval/retained_skill``, :func:`ibridge.world.eval_slices`; the ``forgetting`` world).
     """
 
     seed: int = 0
@@ -55,10 +59,12 @@ class WorldConfig:
     responses_per_prompt: int = 4
     reference_noise: float = 0.15
     generator_noise: tuple[float, ...] = (0.0, 0.1, 0.3, 0.6)
+    demo_tasks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # normalise sequences to tuples so the config stays hashable
         object.__setattr__(self, "tasks", tuple(str(t) for t in self.tasks))
+        object.__setattr__(self, "demo_tasks", tuple(str(t) for t in self.demo_tasks))
         object.__setattr__(self, "generator_noise", tuple(float(r) for r in self.generator_noise))
         for name in ("corpus_noise", "reference_noise"):
             object.__setattr__(self, name, float(getattr(self, name)))
@@ -80,6 +86,9 @@ class WorldConfig:
             raise bad(f"unknown task(s) {unknown}; known tasks: {', '.join(TASKS)}")
         if len(set(self.tasks)) != len(self.tasks):
             raise bad(f"duplicate task in {self.tasks}")
+        outside = [t for t in self.demo_tasks if t not in self.tasks]
+        if outside or len(set(self.demo_tasks)) != len(self.demo_tasks):
+            raise bad(f"demo_tasks must be distinct tasks of tasks={list(self.tasks)}, got {list(self.demo_tasks)}")
         if not 2 <= self.num_symbols <= 10:
             raise bad(f"num_symbols must be in 2..10, got {self.num_symbols}")
         if not 1 <= self.min_len <= self.demo_max_len <= self.max_len:
@@ -137,7 +146,22 @@ class WorldConfig:
         """Plain JSON-able dict of all fields (tuples become lists)."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
+    @property
+    def demonstrated_tasks(self) -> tuple[str, ...]:
+        """The tasks demonstrations are drawn from (``demo_tasks``, or every task)."""
+        return self.demo_tasks or self.tasks
+
+    @property
+    def base_only_tasks(self) -> tuple[str, ...]:
+        """Tasks the base model learns in pretraining and SFT never demonstrates."""
+        return tuple(t for t in self.tasks if t not in self.demonstrated_tasks)
+
     def fingerprint(self) -> str:
-        """Stable 16-hex-digit hash of all fields and :data:`WORLD_FORMAT_VERSION` (a cache key)."""
-        payload = json.dumps({"format": WORLD_FORMAT_VERSION, **self.to_dict()}, sort_keys=True)
+        """Stable 16-hex-digit hash of the fields and :data:`WORLD_FORMAT_VERSION`: the toy base
+        model's cache key (ibridge/models.py). ``demo_tasks`` is left out: it only chooses which
+        prompts become demonstrations, which pretraining never sees (the corpus, the tokenizer
+        and the eval prompts the corpus avoids do not depend on it), so a world that withholds
+        tasks from SFT keeps the default world's base models, and the two are paired by base."""
+        fields_ = {k: v for k, v in self.to_dict().items() if k != "demo_tasks"}
+        payload = json.dumps({"format": WORLD_FORMAT_VERSION, **fields_}, sort_keys=True)
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
