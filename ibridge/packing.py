@@ -192,8 +192,10 @@ class PackedForward:
         plan = None
         if not {"position_ids", "labels", "past_key_values", "cache"} & kwargs.keys():
             plan = self._plan(input_ids, attention_mask)
-        if plan is None:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if plan is None:  # the call as it came (a model need not take a mask it was not given)
+            if attention_mask is not None:
+                kwargs["attention_mask"] = attention_mask
+            return self.model(input_ids=input_ids, **kwargs)
         out = self.model(**{**kwargs, **self._packed_inputs(plan, input_ids)})
         logits = out.logits  # (R, L, V)
         dst = plan["dst"]

@@ -23,8 +23,8 @@ FAIL_RANK = os.environ.get("IBRIDGE_TEST_FAIL_RANK")
 _demonstration_step = stages.demonstration_step
 
 
-def failing_demonstration_step(objective):
-    compute = _demonstration_step(objective)
+def failing_demonstration_step(objective, *args, **kwargs):
+    compute = _demonstration_step(objective, *args, **kwargs)
     calls = {"n": 0}
 
     def wrapped(model, batch):
