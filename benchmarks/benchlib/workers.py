@@ -184,7 +184,8 @@ def bare_batches(spec, kind: str, runtime):
 
 
 def worker_bare(spec, kind: str, head: str = "full") -> dict:
-    """The practical ceiling: forward, loss, backward, AdamW step over ibridge's packed batches; nothing else.
+    """The practical ceiling: forward, loss, backward, clipping, AdamW step over ibridge's packed batches;
+    nothing else (no scheduler, metrics, host syncs or checks).
 
     head "full": the model's logits at every position and ``F.cross_entropy``, as a plain
     PyTorch loop computes them. head "chunked": the decoder's last hidden states at scored
@@ -226,6 +227,7 @@ def worker_bare(spec, kind: str, head: str = "full") -> dict:
             ref_chosen, ref_rejected = batch["ref"]
             loss = -F.logsigmoid(spec.dpo["beta"] * ((chosen - ref_chosen) - (rejected - ref_rejected))).mean()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), s["max_grad_norm"])  # the stage's maths: it clips
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens += batch["tokens"]
