@@ -20,7 +20,7 @@ schedule with warmup, gradient clipping, fp32 everywhere, eager attention everyw
 CPU transformers' sdpa path is far slower at these shapes), gradient checkpointing off,
 no evaluation, no checkpoints, TRL logging once per run. The bare loop runs exactly
 ibridge's batches, packed as ibridge packs them, with plain PyTorch: forward, loss,
-backward, AdamW step, nothing else.
+backward, gradient clipping, AdamW step, nothing else.
 
 Also, in the same run: the correctness check (ibridge's DPO loss and reward metrics
 against TRL's on identical batches, to 1e-5; the SFT loss too), what TRL does with its own

@@ -30,9 +30,9 @@ without ever holding the logits (ibridge/lmhead.py; docs/memory.md).
 from __future__ import annotations
 
 import logging
+import sys
 
 import torch
-import transformers.modeling_utils
 
 from ibridge.lmhead import linear_label_logps, plain_head
 from ibridge.objectives.logprobs import label_logps, token_logps
@@ -58,8 +58,6 @@ PACKABLE_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral"})
 # which is faster. 256 MiB: never on the toy model, always at a 128k vocabulary and a few
 # hundred scored tokens (docs/memory.md).
 FUSED_HEAD_BYTES = 256 * 2**20
-# transformers >= 5.x: logits_to_keep may be a boolean (batch, seq) mask (modeling_utils.slice_logits_to_keep).
-_MASK_LOGITS_TO_KEEP = hasattr(transformers.modeling_utils, "slice_logits_to_keep")
 
 _said: set[str] = set()
 
@@ -88,6 +86,16 @@ def packing_layout(model: torch.nn.Module) -> str | None:
 
 def packing_supported(model: torch.nn.Module, runtime: Runtime | None = None) -> bool:
     return packing_layout(model) is not None
+
+
+def takes_logits_mask(model: torch.nn.Module) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` as a boolean (batch, seq) mask: its
+    modeling code slices with transformers' ``slice_logits_to_keep`` (transformers 5), which
+    flattens the kept positions to (S, H) before the head."""
+    base = getattr(model, "module", model)  # DDP, DeepSpeed
+    if hasattr(base, "get_base_model"):  # peft
+        base = base.get_base_model()
+    return getattr(sys.modules.get(type(base).__module__), "slice_logits_to_keep", None) is not None
 
 
 def pack_plan(attention_mask: torch.Tensor, factor: float = PACK_FACTOR, layout: str = "rows"):
@@ -162,7 +170,10 @@ class PackedForward:
         # without a cache.
         self.explicit_mask = getattr(getattr(base, "config", None), "_attn_implementation", None) == "eager"
         self.factor = factor
-        self.fused_head = fused_head
+        # Logits at scored tokens only, through the model's own head; the chunked head also reads
+        # the last hidden states from ``output_hidden_states``, relied on with the same modeling code.
+        self.logits_mask = takes_logits_mask(model)
+        self.fused_head = fused_head and self.logits_mask
 
     def __getattr__(self, name):
         return getattr(self.model, name)
@@ -231,7 +242,7 @@ class PackedForward:
                              logits_to_keep=1)
             hidden = out.hidden_states[-1][keep]  # (S, H): the final (normed) hidden states at scored tokens
             values = linear_label_logps(hidden, head.weight, head.bias, picked)  # (S,)
-        elif _MASK_LOGITS_TO_KEEP:
+        elif self.logits_mask:
             logits = self.model(input_ids=ids, **{"use_cache": False, **inputs}, logits_to_keep=keep).logits  # (S, V)
             values = label_logps(logits, picked)  # (S,)
         else:

@@ -253,3 +253,17 @@ def test_auto_attention_prefers_the_kernels_that_pack_without_a_mask(monkeypatch
     assert auto_attention(cpu, "fp32") == "eager"
     monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: False)
     assert auto_attention(cuda, "bf16") == "sdpa"
+
+
+def test_models_without_a_logits_mask_get_the_whole_logits():
+    """Modeling code that cannot take ``logits_to_keep`` as a mask is scored from its whole (packed)
+    logits, with the same result, and never through the chunked head."""
+    from ibridge.packing import takes_logits_mask
+
+    model = _model()
+    assert takes_logits_mask(model) and not takes_logits_mask(torch.nn.Linear(2, 2))
+    ids, mask, labels = _batch(LENGTHS, 12)
+    want = _loss_and_grads(model, _padded(model), ids, mask, labels)
+    forward = PackedForward(model, fused_head=True)
+    forward.logits_mask, forward.fused_head = False, False  # what __init__ sets for such a model
+    _assert_same(_loss_and_grads(model, forward.scored_logps, ids, mask, labels), want)

@@ -88,7 +88,8 @@ def worker_ibridge(spec, kind: str) -> dict:
     pad = tokenizer.pad_token_id
     encoded = encode(spec, kind, tokenizer)
     rss_data = rss_mb()
-    reset_hwm()
+    peak_before = hwm_mb()
+    reset_hwm()  # resets ru_maxrss too: the process's peak is the largest of the phases' (peak_process_mb)
     t_ref = time.perf_counter()
     if objective.needs_reference:
         attach_cold_reference(spec, encoded, kind, cfg, runtime, pad)
@@ -97,6 +98,7 @@ def worker_ibridge(spec, kind: str) -> dict:
                                          token_budget_batches(lengths, DEFAULT_MAX_BATCH_TOKENS))
     t_ref = time.perf_counter() - t_ref
     peak_reference = hwm_mb()
+    rss_before_model = rss_mb()  # after the reference pass: what the allocator kept of it counts here
     model = load_model(spec.base, runtime)
     base_collate = collate_demonstrations if kind == "sft" else collate_pairs
 
@@ -122,7 +124,9 @@ def worker_ibridge(spec, kind: str) -> dict:
     return {"tokens": summary.tokens, "steps": summary.steps, "stage_s": t1 - t0,
             "steps_s": (t1 - t_loop) - collated["s"], "collate_s": collated["s"], "ref_s": t_ref,
             "prep_s": t_loop - t0, "rss_start_mb": rss0, "rss_data_mb": rss_data,
-            "peak_reference_mb": peak_reference, "peak_training_mb": peak_training, "largest": largest,
+            "rss_before_model_mb": rss_before_model, "peak_reference_mb": peak_reference,
+            "peak_training_mb": peak_training, "peak_process_mb": max(peak_before, peak_reference, peak_training),
+            "largest": largest,
             "final_loss": summary.final_metrics.get("train/loss"), "threads": torch.get_num_threads(),
             "attn_implementation": runtime.attn_implementation}
 
@@ -180,7 +184,8 @@ def bare_batches(spec, kind: str, runtime):
 
 
 def worker_bare(spec, kind: str, head: str = "full") -> dict:
-    """The practical ceiling: forward, loss, backward, AdamW step over ibridge's packed batches; nothing else.
+    """The practical ceiling: forward, loss, backward, clipping, AdamW step over ibridge's packed batches;
+    nothing else (no scheduler, metrics, host syncs or checks).
 
     head "full": the model's logits at every position and ``F.cross_entropy``, as a plain
     PyTorch loop computes them. head "chunked": the decoder's last hidden states at scored
@@ -222,6 +227,7 @@ def worker_bare(spec, kind: str, head: str = "full") -> dict:
             ref_chosen, ref_rejected = batch["ref"]
             loss = -F.logsigmoid(spec.dpo["beta"] * ((chosen - ref_chosen) - (rejected - ref_rejected))).mean()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), s["max_grad_norm"])  # the stage's maths: it clips
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens += batch["tokens"]
