@@ -80,6 +80,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Sized for ~10 minutes on a shared 2-core CPU, where TRL's DPO runs at 25-30 tok/s.
     parser.add_argument("--repeats", type=int, default=2, help="interleaved runs of every configuration")
+    parser.add_argument("--close-repeats", type=int, default=4,
+                        help="runs of ibridge and the bare chunked-head loop, whose ratio is close (TRL's is not)")
     parser.add_argument("--sft-steps", type=int, default=2)
     parser.add_argument("--dpo-steps", type=int, default=2)
     parser.add_argument("--sft-batch", type=int, default=4, help="conversations per SFT step")
@@ -100,7 +102,7 @@ def main() -> None:
     if args.worker:
         return worker_main(args, WORKERS)
     if args.quick:
-        args.repeats, args.sft_steps, args.dpo_steps, args.sft_batch, args.dpo_batch = 1, 1, 1, 2, 1
+        args.repeats, args.close_repeats, args.sft_steps, args.dpo_steps, args.sft_batch, args.dpo_batch = 1, 1, 1, 1, 2, 1
 
     try:
         import trl
@@ -137,13 +139,15 @@ def main() -> None:
           f"x {args.dpo_batch} pairs (beta 0.1), cosine schedule, warmup 0.1, max_grad_norm 1, no eval, no "
           f"checkpoints; ibridge trainer.attn_implementation={args.ibridge_attn}; TRL attention {args.trl_attn}, "
           f"SFT padding_free={bool(args.trl_sft_padding_free)}")
-    print(f"each configuration in its own process, {args.repeats} interleaved repeats; targets from medians, "
-          f"best runs beside", flush=True)
+    print(f"each configuration in its own process, {args.repeats} interleaved repeats (ibridge and the chunked-head "
+          f"bare loop {max(args.repeats, args.close_repeats)}); targets from medians, best runs beside", flush=True)
 
     extra = {"dpo": ["bare_dpo"], "sft": ["bare_sft"]} if args.full_logits_bare else {"dpo": [], "sft": []}
     tables = {"dpo": DPO_CONFIGS + extra["dpo"], "sft": SFT_CONFIGS + extra["sft"]}
     configs = [name for kind in ("dpo", "sft") if kind not in skip for name in tables[kind]]
-    runs = run_interleaved(script, configs, spec_file, args.repeats, wall)
+    close = {name: max(args.repeats, args.close_repeats) for name in
+             ("ibridge_dpo", "bare_chunked_dpo", "ibridge_sft", "bare_chunked_sft")}
+    runs = run_interleaved(script, configs, spec_file, args.repeats, wall, more=close)
     stats = {name: summarise(r) for name, r in runs.items() if r}
     raw: dict = {"spec": spec, "runs": runs, "parameters": n_params}
     targets = Targets("median")

@@ -43,13 +43,18 @@ def spawn(script: Path, name: str, spec_file: Path, timeout: float = 900) -> dic
     raise RuntimeError(f"worker {name} failed (exit {proc.returncode}):\n{tail}")
 
 
-def run_interleaved(script: Path, configs: list[str], spec_file: Path, repeats: int, wall: float) -> dict:
-    """Every configuration `repeats` times, interleaved (a slow spell on the machine hits all alike)."""
+def run_interleaved(script: Path, configs: list[str], spec_file: Path, repeats: int, wall: float,
+                    more: dict[str, int] | None = None) -> dict:
+    """Every configuration `repeats` times (`more[name]` for some), interleaved: a slow spell on the
+    machine hits all alike."""
+    counts = {name: (more or {}).get(name, repeats) for name in configs}
+    rounds = max(counts.values(), default=0)
     runs: dict[str, list[dict]] = {name: [] for name in configs}
-    for rep in range(repeats if configs else 0):
+    for rep in range(rounds):
         for name in configs:
-            runs[name].append(spawn(script, name, spec_file))
-        print(f"  repeat {rep + 1}/{repeats} done ({time.perf_counter() - wall:.0f} s)", flush=True)
+            if rep < counts[name]:
+                runs[name].append(spawn(script, name, spec_file))
+        print(f"  round {rep + 1}/{rounds} done ({time.perf_counter() - wall:.0f} s)", flush=True)
     return runs
 
 
