@@ -45,7 +45,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from benchlib.common import ROOT, Spec, cpu_name  # noqa: E402
+from benchlib.common import ROOT, Spec, cpu_name, require_trl  # noqa: E402
 from benchlib.driver import (  # noqa: E402
     Targets,
     print_breakdown,
@@ -104,10 +104,7 @@ def main() -> None:
     if args.quick:
         args.repeats, args.close_repeats, args.sft_steps, args.dpo_steps, args.sft_batch, args.dpo_batch = 1, 1, 1, 1, 2, 1
 
-    try:
-        import trl
-    except ImportError:
-        raise SystemExit("bench_scale.py needs TRL: pip install -e '.[bench]'") from None
+    trl = require_trl("bench_scale.py")
     import torch
     import transformers
 

@@ -44,7 +44,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from benchlib.common import ROOT, Spec, compose_cfg, cpu_name  # noqa: E402
+from benchlib.common import ROOT, Spec, compose_cfg, cpu_name, require_trl  # noqa: E402
 from benchlib.driver import (  # noqa: E402
     Targets,
     fmt_rate,
@@ -176,10 +176,7 @@ def main() -> None:
     if args.worker:
         return worker_main(args, WORKERS)
 
-    try:
-        import trl  # noqa: F401  (benchmark-only dependency)
-    except ImportError:
-        raise SystemExit("bench_trl.py needs TRL: pip install -e '.[bench]'") from None
+    trl = require_trl("bench_trl.py")
     import torch
     import transformers
 

@@ -194,8 +194,7 @@ def optimise(
         updater = ZeroUpdate(model, optimizer, scheduler, settings, runtime, desc)
     else:
         updater = TorchUpdate(model, trained, optimizer, scheduler, settings.max_grad_norm, desc)
-    trained = updater.trained
-    trained = training_forward(trained, model, runtime, pack=settings.pack_sequences)
+    trained = training_forward(updater.trained, model, runtime, pack=settings.pack_sequences)
 
     def save(step: int) -> None:
         # Every rank calls (under FSDP each takes part in gathering the state); rank 0 alone

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,23 +14,16 @@ from safetensors.torch import load_file
 
 from ibridge.tracking import read_metrics
 from tests.conftest import REPO
+from tests.torchrun import free_port, run_worker, torchrun_command
 
 pytestmark = pytest.mark.slow  # whole runs under kills, sweeps, torchrun: `make test` runs them
-
-
-def free_port() -> int:
-    """A port no one listens on now: xdist workers run torchruns side by side."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def torchrun_train(cwd: Path, model_cache: Path, *overrides: str) -> dict:
     """`torchrun --nproc_per_node 2 -m ibridge train debug=smoke ...` on CPU; returns results.json."""
     env = {**os.environ, "IBRIDGE_CACHE": str(model_cache), "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "ibridge", "train", "debug=smoke", "trainer.num_threads=1", "sft.max_steps=6",
-           "sft.log_every=2", "hydra.run.dir=run", *overrides]
+    cmd = torchrun_command("-m", "ibridge", "train", "debug=smoke", "trainer.num_threads=1", "sft.max_steps=6",
+                           "sft.log_every=2", "hydra.run.dir=run", *overrides)
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((cwd / "run" / "results.json").read_text())
@@ -109,9 +101,5 @@ def test_accelerate_launch_runs_the_same_two_ranks(tmp_path, model_cache):
 
 def test_fsdp_training_state_resumes_exactly(tmp_path):
     """Sharded model and AdamW state, gathered, saved, re-sharded on resume: bit-identical."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(REPO / "tests" / "fsdp_state_worker.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_worker("fsdp_state_worker.py", str(tmp_path), timeout=600)
     assert (tmp_path / "ok").is_file()

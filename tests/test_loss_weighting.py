@@ -8,9 +8,6 @@ short last micro-batch, 2 DDP ranks with a stand-in) must hand the optimiser tha
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
@@ -20,8 +17,7 @@ from ibridge.batching import micro_batch_weight, optimiser_steps, steps_per_epoc
 from ibridge.objectives import ObjectiveOutput
 from ibridge.runtime import Runtime
 from ibridge.training import OptimSettings, optimise
-from tests.conftest import REPO
-from tests.test_distributed import free_port
+from tests.torchrun import run_worker
 from tests.weighting_case import OBJECTIVES, loop_gradient, one_batch_gradient
 
 CPU = Runtime(device=torch.device("cpu"), precision="fp32")
@@ -53,11 +49,7 @@ def test_a_two_token_demonstration_weighs_per_token_what_it_weighs_in_one_batch(
 @pytest.mark.slow
 def test_two_ddp_ranks_with_grad_accum_have_the_one_batch_gradient(tmp_path):
     out = tmp_path / "report.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), str(REPO / "tests" / "loss_weighting_worker.py"), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_worker("loss_weighting_worker.py", str(out))
     report = json.loads(out.read_text())
     assert set(report) == set(OBJECTIVES)
     for kind, diffs in report.items():

@@ -222,19 +222,11 @@ def test_two_ddp_ranks_packed_with_the_chunked_head_have_the_one_batch_gradient(
     """Under DDP the chunked head uses the head's weight outside the model's forward: its
     gradient must still reach the all-reduce (tests/packing_ddp_worker.py)."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    from tests.conftest import REPO
-    from tests.test_distributed import free_port
+    from tests.torchrun import run_worker
 
     out = tmp_path / "report.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), str(REPO / "tests" / "packing_ddp_worker.py"), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_worker("packing_ddp_worker.py", str(out))
     report = json.loads(out.read_text())
     for kind, diffs in report.items():
         assert diffs["ddp"] and diffs["packed_batches"] > 0, (kind, diffs)

@@ -9,14 +9,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO
-from tests.test_distributed import free_port
+from tests.torchrun import torchrun_command
 
 pytestmark = pytest.mark.slow
 
@@ -24,9 +23,8 @@ pytestmark = pytest.mark.slow
 def launch(cwd: Path, model_cache: Path, extra_env: dict, *overrides: str) -> subprocess.Popen:
     env = {**os.environ, "IBRIDGE_CACHE": str(model_cache), "WANDB_MODE": "offline", "PYTHONPATH": str(REPO),
            **extra_env}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(REPO / "tests" / "rank_fault_worker.py"), "train", "debug=smoke", "trainer=ddp",
-           "trainer.num_threads=1", "sft.log_every=2", "hydra.run.dir=run", *overrides]
+    cmd = torchrun_command(str(REPO / "tests" / "rank_fault_worker.py"), "train", "debug=smoke", "trainer=ddp",
+                           "trainer.num_threads=1", "sft.log_every=2", "hydra.run.dir=run", *overrides)
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
@@ -69,9 +67,8 @@ def test_a_two_process_pipeline_killed_after_the_base_evaluation_resumes_to_the_
     env = {**os.environ, "IBRIDGE_CACHE": str(model_cache), "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
 
     def command():
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                str(free_port()), "-m", "ibridge", "debug=smoke", "trainer=ddp", "trainer.num_threads=1",
-                "hydra.run.dir=run"]
+        return torchrun_command("-m", "ibridge", "debug=smoke", "trainer=ddp", "trainer.num_threads=1",
+                                "hydra.run.dir=run")
 
     first = subprocess.Popen(command(), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              text=True, start_new_session=True)

@@ -6,17 +6,14 @@ One torchrun of tests/shard_worker.py (2 CPU ranks, gloo) runs every check; see 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from ibridge.data import source_for
 from ibridge.models import ensure_toy_base
 from ibridge.runtime import Runtime
-from tests.conftest import REPO, compose_config
-from tests.test_distributed import free_port
+from tests.conftest import compose_config
+from tests.torchrun import run_worker
 
 pytestmark = pytest.mark.slow  # a torchrun: `make test` runs it
 
@@ -29,11 +26,8 @@ def report(tmp_path_factory, model_cache) -> dict:
     source = source_for(cfg.data)
     ensure_toy_base(cfg.model, source.world_config, Runtime(device=torch.device("cpu"), precision="fp32"))
     out = tmp_path_factory.mktemp("shard")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "IBRIDGE_CACHE": str(model_cache), "WANDB_MODE": "offline"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(REPO / "tests" / "shard_worker.py"), str(out), str(model_cache)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-6000:]
+    run_worker("shard_worker.py", str(out), str(model_cache), timeout=600, tail=6000,
+               env={"IBRIDGE_CACHE": str(model_cache), "WANDB_MODE": "offline"})
     return json.loads((out / "report.json").read_text())
 
 

@@ -102,3 +102,10 @@ def loop_gradient(kind: str, batch_size: int, grad_accum: int, runtime, monkeypa
     finally:
         TorchUpdate.update = original
     return logged[0]["train/loss"], captured["grads"]
+
+
+def gradient_gap(grads: dict, ref_grads: dict) -> dict:
+    """The largest absolute difference from the reference gradient, and the reference's own
+    largest entry to judge it against (JSON-able, for the torchrun workers' reports)."""
+    return {"grad_diff": max(float((grads[name] - ref_grads[name]).abs().max()) for name in ref_grads),
+            "grad_scale": max(float(ref_grads[name].abs().max()) for name in ref_grads)}

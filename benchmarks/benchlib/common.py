@@ -62,3 +62,12 @@ class Spec(dict):
     (attn_implementation, sft_padding_free), check_batches."""
 
     __getattr__ = dict.__getitem__
+
+
+def require_trl(script: str):
+    """TRL, the benchmark-only dependency (the ibridge package never imports it), or a one-line exit."""
+    try:
+        import trl
+    except ImportError:
+        raise SystemExit(f"{script} needs TRL: pip install -e '.[bench]'") from None
+    return trl
