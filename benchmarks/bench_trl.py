@@ -16,8 +16,8 @@ each configuration, the fastest being the least disturbed; medians are printed b
 
 Same base model (the toy Llama), tokenizer, examples (the exact token sequences are
 checked to be identical), sequence lengths, batch size, number of steps, lr, cosine
-schedule with warmup, gradient clipping, fp32 everywhere, eager attention everywhere (on
-CPU transformers' sdpa path is far slower at these shapes), gradient checkpointing off,
+schedule with warmup, gradient clipping, fp32 everywhere, eager attention everywhere
+(ibridge's CPU default; TRL's models are loaded with it too), gradient checkpointing off,
 no evaluation, no checkpoints, TRL logging once per run. The bare loop runs exactly
 ibridge's batches, packed as ibridge packs them, with plain PyTorch: forward, loss,
 backward, gradient clipping, AdamW step, nothing else.

@@ -71,6 +71,8 @@ def _say_once(message: str) -> None:
 def packing_layout(model: torch.nn.Module) -> str | None:
     """``rows``, ``row`` or None (this model and attention implementation cannot pack; logged once)."""
     config = getattr(model, "config", None)
+    if config is None:
+        return None  # not a transformers model (a test's toy module): nothing to pack, nothing to say
     model_type = getattr(config, "model_type", None)
     attn = getattr(config, "_attn_implementation", None)
     layout = PACKING_LAYOUTS.get(attn)
@@ -199,14 +201,14 @@ class PackedForward:
         inputs["attention_mask"] = mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(mask.dtype).min)  # additive
         return inputs
 
-    def __call__(self, input_ids=None, attention_mask=None, **kwargs):
+    def __call__(self, *args, **kwargs):
         plan = None
-        if not {"position_ids", "labels", "past_key_values", "cache"} & kwargs.keys():
-            plan = self._plan(input_ids, attention_mask)
-        if plan is None:  # the call as it came (a model need not take a mask it was not given)
-            if attention_mask is not None:
-                kwargs["attention_mask"] = attention_mask
-            return self.model(input_ids=input_ids, **kwargs)
+        if not args and not {"position_ids", "labels", "past_key_values", "cache"} & kwargs.keys():
+            plan = self._plan(kwargs.get("input_ids"), kwargs.get("attention_mask"))
+        if plan is None:  # the call exactly as given
+            return self.model(*args, **kwargs)
+        input_ids = kwargs.pop("input_ids")
+        kwargs.pop("attention_mask")
         out = self.model(**{**kwargs, **self._packed_inputs(plan, input_ids)})
         logits = out.logits  # (R, L, V)
         dst = plan["dst"]

@@ -12,9 +12,9 @@ MIB = 2**20
 FLOAT = 4  # bytes, fp32
 # Saved-for-backward floats per token per decoder layer, transformers' Llama in fp32 with sdpa
 # attention: measured with torch.autograd.graph.saved_tensors_hooks at H = 128..512, I = 384..1536
-# within 20% of 14 H + 5 I (docs/memory.md). Eager attention also keeps each row's attention
+# within 16% of 13 H + 5 I (docs/memory.md). Eager attention also keeps each row's attention
 # probabilities: heads x row-width floats per token per layer.
-ACT_PER_H, ACT_PER_I = 14, 5
+ACT_PER_H, ACT_PER_I = 13, 5
 ACT_NON_LAYER_PER_H = 2.5  # the embeddings' output and the final norm, per token
 # Temporaries: the chunked head (ibridge/lmhead.py) holds about two (chunk, V) float32 tiles
 # at once; label_logps (ibridge/objectives/logprobs.py) one of 2**25 elements (logsumexp's)
