@@ -197,7 +197,8 @@ def print_memory_model(runs: dict, n_params: int, raw: dict) -> bool:
                                           big["scored"], big["row_width"])
                     measured = run["peak_training_mb"] - run["rss_before_model_mb"]
                 elif "reference_batch" in big:
-                    model = reference_pass_peak(n_params, VOCAB, big["reference_batch"])
+                    model = reference_pass_peak(n_params, VOCAB, ARCH, big["reference_tokens"],
+                                                big["reference_scored"])
                     measured = run["peak_reference_mb"] - run["rss_data_mb"]
                 else:
                     continue
@@ -213,9 +214,12 @@ def print_memory_model(runs: dict, n_params: int, raw: dict) -> bool:
                                                                       "ratios": ratios}
             parts = ", ".join(f"{k} {v:.0f}" for k, v in model["parts"].items())
             where = f" ({model['phase']})" if "phase" in model else ""
+            batch = (f"largest micro-batch {big['tokens']} tokens, {big['scored']} scored, rows of {big['row_width']}"
+                     if phase == "training" else
+                     f"largest reference batch {big['reference_tokens']} tokens ({big['reference_batch']} padded), "
+                     f"{big['reference_scored']} scored")
             lines.append(f"  ibridge {kind.upper()} {phase}{where}: predicted {model['total_mb']:.0f} MiB = {parts}; "
-                         f"measured {measured:.0f} MiB (largest micro-batch {big['tokens']} tokens, {big['scored']} "
-                         f"scored, rows of {big['row_width']}{'' if phase == 'training' else ', reference batch ' + str(big['reference_batch']) + ' padded tokens'}); "
+                         f"measured {measured:.0f} MiB ({batch}); "
                          f"predicted/measured {ratio:.2f} (median of {len(ratios)}; target 0.80-1.20) "
                          f"{'ok' if fine else 'MISSED'}")
     if lines:

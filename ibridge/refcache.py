@@ -36,17 +36,19 @@ from ibridge.data.collate import pad_sequences
 from ibridge.distributed import DistInfo, all_gather_objects, broadcast_from_main, shard_of
 from ibridge.fingerprint import model_fingerprint, numerics_fingerprint
 from ibridge.models import load_model, reference_pass_dtype
-from ibridge.objectives.logprobs import token_logps
+from ibridge.packing import PackedForward, scored_logps
 from ibridge.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 # Bump when the reference pass computes differently in code (2: weights loaded in the compute
-# dtype instead of fp32 weights under autocast), so older entries are not served.
-REFERENCE_PASS_VERSION = 2
+# dtype instead of fp32 weights under autocast; 3: packed forward and log-probs at labelled
+# tokens only, which rounds differently), so older entries are not served.
+REFERENCE_PASS_VERSION = 3
 
-# Padded tokens (rows x longest sequence) per forward of a scoring pass. Bounds the (B, T, V)
-# logits too: 8192 x 128k vocabulary in bf16 is 2 GiB.
+# Padded tokens (rows x longest sequence) per forward of a scoring pass. Bounds the logits of a
+# model without a plain head too (8192 x 128k vocabulary in bf16 is 2 GiB); with one, the
+# chunked head keeps them to a chunk.
 DEFAULT_MAX_BATCH_TOKENS = 8192
 
 
@@ -115,7 +117,11 @@ def sequence_token_logps(
     """Per-sequence log-probs at each shifted position, (len(input_ids) - 1,) float32, 0.0 where unscored.
 
     Scoring only: no KV cache (``use_cache=False``), batches of at most `max_tokens` padded
-    tokens (:func:`token_budget_batches`), log-probs in float32 chunks (``token_logps``).
+    tokens (:func:`token_budget_batches`), through the training loop's forward
+    (:class:`~ibridge.packing.PackedForward`): packed where the attention path can pack, and
+    log-probs at labelled tokens only, by the chunked head where the model has a plain one
+    (ibridge/lmhead.py). So no (B, T, V) logits are built: at a 128k vocabulary they were most
+    of the DPO stage's peak memory (BENCHMARKS.md, realistic shapes).
 
     With `shard` (several ranks, every one calling), each rank scores every world_size-th
     batch of the one-process plan and the values are gathered: every rank returns the whole
@@ -124,6 +130,7 @@ def sequence_token_logps(
     """
     was_training = model.training
     model.eval()
+    forward = PackedForward(model, fused_head=True)
     lengths = [len(seq["input_ids"]) for seq in sequences]
     out: list[torch.Tensor | None] = [None] * len(sequences)
     batches = token_budget_batches(lengths, max_tokens)
@@ -133,11 +140,7 @@ def sequence_token_logps(
         batch = pad_sequences([sequences[i] for i in chunk], pad_id)
         batch = {key: value.to(runtime.device) for key, value in batch.items()}
         with runtime.autocast():
-            logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-            ).logits  # (B, T, V)
-        logps, _ = token_logps(logits, batch["labels"])  # (B, T-1) float32
-        del logits
+            logps, _ = scored_logps(forward, batch)  # (B, T-1) float32, 0.0 where unscored
         logps = logps.float().cpu()
         for row, index in enumerate(chunk):
             out[index] = logps[row, : lengths[index] - 1].clone()

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import ibridge.fingerprint as fingerprint
+import ibridge.packing as packing
 from ibridge.distributed import DistInfo
 from ibridge.models import load_model
 from ibridge.refcache import cached_reference_logps, sequence_token_logps, token_budget_batches
@@ -233,6 +234,25 @@ def test_token_batched_pass_equals_unbatched_scoring(tiny, max_tokens):
     got = sequence_token_logps(model, sequences, CPU_FP32, PAD, max_tokens=max_tokens)
     for value, seq in zip(got, sequences, strict=True):
         assert value.dtype == torch.float32 and value.shape == (len(seq["input_ids"]) - 1,)
+        torch.testing.assert_close(value, independent_logps(model, seq), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunked_head", [False, True])
+def test_scoring_builds_logits_at_labelled_tokens_only_and_equals_textbook(tiny, monkeypatch, chunked_head):
+    # Issue 16: at a 128k vocabulary the padded (B, T, V) logits of this pass were most of the
+    # DPO stage's peak memory. The pass now scores like the training loop: logits (or the
+    # chunked head) at labelled positions only. The padded pass had B x T logit rows.
+    if chunked_head:
+        monkeypatch.setattr(packing, "FUSED_HEAD_BYTES", 0)  # every batch through ibridge/lmhead.py
+    model = load_model(tiny, CPU_FP32)
+    sequences = make_sequences(seed=4)
+    logit_rows = []
+    model.register_forward_hook(
+        lambda mod, args, kwargs, out: logit_rows.append(out.logits.shape[:-1].numel()), with_kwargs=True)
+    got = sequence_token_logps(model, sequences, CPU_FP32, PAD, max_tokens=10**6)
+    labelled = sum(label != -100 for seq in sequences for label in seq["labels"][1:])
+    assert logit_rows and sum(logit_rows) <= labelled
+    for value, seq in zip(got, sequences, strict=True):
         torch.testing.assert_close(value, independent_logps(model, seq), rtol=1e-5, atol=1e-5)
 
 

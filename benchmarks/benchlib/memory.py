@@ -56,9 +56,18 @@ def training_peak(parameters: int, vocab: int, arch: dict, attn: str, tokens: in
             "other_mb": sum((step if which == "backward" else backward).values())}
 
 
-def reference_pass_peak(parameters: int, vocab: int, batch_tokens: int) -> dict:
-    """Peak growth of ibridge's reference pass today (ibridge/refcache.py): the reference's weights
-    and the full logits of its largest token-budget batch (padded tokens x V), plus log-prob chunks."""
-    parts = {"weights": parameters * FLOAT / MIB, "logits": batch_tokens * vocab * FLOAT / MIB,
-             "log-prob chunk": LOGPROB_CHUNK_ELEMENTS * FLOAT / MIB}
+def reference_pass_peak(parameters: int, vocab: int, arch: dict, tokens: int, scored: int,
+                        fused_head_bytes: int = 256 * MIB) -> dict:
+    """Peak growth of ibridge's reference pass (ibridge/refcache.py): the reference's weights, the
+    hidden states of its largest token-budget batch (`tokens` real tokens, packed; no gradients, so
+    nothing saved), and the head at its `scored` tokens only, as in training: past
+    `fused_head_bytes` of logits the chunked head's tiles, else those logits and a log-prob chunk."""
+    hidden, layers = arch["hidden_size"], arch["num_hidden_layers"]
+    parts = {"weights": parameters * FLOAT / MIB,
+             "hidden states": (layers + 1) * tokens * hidden * FLOAT / MIB}
+    if scored * vocab * FLOAT > fused_head_bytes:
+        parts["chunked head"] = 2 * HEAD_CHUNK_ELEMENTS * FLOAT / MIB
+    else:
+        parts["logits at scored tokens"] = scored * vocab * FLOAT / MIB
+        parts["log-prob chunk"] = LOGPROB_CHUNK_ELEMENTS * FLOAT / MIB
     return {"total_mb": sum(parts.values()), "parts": parts}

@@ -93,9 +93,13 @@ def worker_ibridge(spec, kind: str) -> dict:
     t_ref = time.perf_counter()
     if objective.needs_reference:
         attach_cold_reference(spec, encoded, kind, cfg, runtime, pad)
-        lengths = [len(e[side]["input_ids"]) for side in ("chosen", "rejected") for e in encoded]
-        largest["reference_batch"] = max(len(b) * lengths[b[0]] for b in
-                                         token_budget_batches(lengths, DEFAULT_MAX_BATCH_TOKENS))
+        sequences = [e[side] for side in ("chosen", "rejected") for e in encoded]
+        lengths = [len(seq["input_ids"]) for seq in sequences]
+        batches = token_budget_batches(lengths, DEFAULT_MAX_BATCH_TOKENS)
+        padded, biggest = max((len(b) * lengths[b[0]], b) for b in batches)
+        largest["reference_batch"] = padded
+        largest["reference_tokens"] = sum(lengths[i] for i in biggest)
+        largest["reference_scored"] = sum(label != -100 for i in biggest for label in sequences[i]["labels"][1:])
     t_ref = time.perf_counter() - t_ref
     peak_reference = hwm_mb()
     rss_before_model = rss_mb()  # after the reference pass: what the allocator kept of it counts here

@@ -2,8 +2,8 @@
 
     python docs/reproduction/question.py [ROOT]        # ROOT: the folder of the grids (multirun/reproduce)
 
-Reads the grids `make reproduce` writes under ROOT (length, forgetting, optimiser, dpo-strength)
-and prints one table per axis: each row compares an arm with a baseline run of the *same base
+Reads the grids `make reproduce` writes under ROOT (objectives, beta, length, forgetting,
+optimiser, dpo-strength) and prints one table per axis: each row compares an arm with a baseline run of the *same base
 model and seed* (ibridge.analysis.effects pairs the same way), the difference averaged over
 seeds within a base, then mean ± standard error over the bases. Unlike `ibridge report`, a row
 may compare different settings (8 against 2 SFT epochs) or read several folders, and it shows
@@ -41,7 +41,7 @@ def arm(grid: str, objective: str, lr: float, **settings) -> tuple:
 def _matches(run, objective, lr, settings) -> bool:
     if run.objective != objective or not math.isclose(float(run.lr), lr, rel_tol=1e-9):
         return False
-    own = {k: v for k, v in run.settings.items() if k not in (BASE_KEY, "trainer.num_threads", "logger")}
+    own = {k: v for k, v in run.settings.items() if k not in (BASE_KEY, "trainer.num_threads", "logger", "grid")}
     want = dict(settings)
     return all(str(own.get(k)) == v or _same_number(own.get(k), v) for k, v in want.items()) and set(own) <= set(want)
 
@@ -114,40 +114,55 @@ def means(root: Path, title: str, arms: list[tuple[str, tuple]], metrics: list[s
         print(f"| {label} | {len(runs)} | " + " | ".join(vals) + " |")
 
 
+OBJECTIVES = ("tv", "chi2", "hellinger", "jsd", "rkl", "dft", "prior_leaning", "sft_kl", "asft")
+F_DIVERGENCES = ("chi2", "hellinger", "jsd", "rkl")
+
+
+def objectives_and_beta(root: Path, core: list[str]) -> None:
+    """The objectives grid (each objective against plain sft, each f-divergence against tv, its
+    scale-matched baseline) and the beta grid (each f-divergence against tv at the same beta)."""
+    sft = arm("objectives", "sft", 1e-3)
+    rows = [(f"{o} vs sft", arm("objectives", o, 1e-3), sft) for o in OBJECTIVES]
+    rows += [(f"{o} vs tv", arm("objectives", o, 1e-3), arm("objectives", "tv", 1e-3)) for o in F_DIVERGENCES]
+    print_rows(root, "default world: the objectives grid (lr 1e-3, 2 SFT epochs, 3 bases x 3 seeds)", rows, core)
+    means(root, "default world, objectives", [("sft", sft)] + [(o, arm("objectives", o, 1e-3)) for o in OBJECTIVES],
+          ["eval.base.gold_reward"] + core)
+    beta = {b: {"objective.beta": b} for b in (0.01, 0.1, 1.0)}
+    rows = [(f"beta {b:g}: {o} vs tv", arm("beta", o, 1e-3, **beta[b]), arm("beta", "tv", 1e-3, **beta[b]))
+            for o in ("chi2", "jsd") for b in beta]
+    rows += [(f"{o}: beta {hi:g} vs {lo:g}", arm("beta", o, 1e-3, **beta[hi]), arm("beta", o, 1e-3, **beta[lo]))
+             for o in ("tv", "chi2", "jsd") for hi, lo in ((1.0, 0.01), (0.1, 0.01))]
+    print_rows(root, "default world: beta (lr 1e-3, 2 SFT epochs, 3 bases x seed 0)", rows, core)
+
+
 def main(root: Path) -> None:
     core = ["eval.dpo.gold_reward", "eval.dpo.win_rate", "eval.sft.gold_reward", "train.sft.kl_token"]
     forget = core + ["eval.sft.retained_skill", "eval.dpo.retained_skill", "eval.dpo.taught_skill"]
+    objectives_and_beta(root, core)
     for grid, world, metrics in (("length", "default world", core), ("forgetting", "world=forgetting", forget)):
         w = {"world": "forgetting"} if grid == "forgetting" else {}
         sft2, sft8 = arm(grid, "sft", 1e-3, **{"sft.epochs": 2}, **w), arm(grid, "sft", 1e-3, **{"sft.epochs": 8}, **w)
-        low2, low8 = arm(grid, "sft", 3e-4, **{"sft.epochs": 2}, **w), arm(grid, "sft", 3e-4, **{"sft.epochs": 8}, **w)
+        # The default world's lr 3e-4 at 2 epochs comes from the lr grid (3 seeds), against its own lr 1e-3.
+        low2 = arm(grid, "sft", 3e-4, **{"sft.epochs": 2}, **w) if grid == "forgetting" else arm("lr", "sft", 3e-4)
+        low8 = arm(grid, "sft", 3e-4, **{"sft.epochs": 8}, **w)
         jsd2, jsd8 = arm(grid, "jsd", 1e-3, **{"sft.epochs": 2}, **w), arm(grid, "jsd", 1e-3, **{"sft.epochs": 8}, **w)
         rows = [
             ("8 vs 2 SFT epochs (sft, lr 1e-3)", sft8, sft2),
-            ("lr 3e-4 vs 1e-3, 2 epochs", low2, sft2),
+            ("lr 3e-4 vs 1e-3, 2 epochs", low2, sft2 if grid == "forgetting" else arm("lr", "sft", 1e-3)),
             ("lr 3e-4 vs 1e-3, 8 epochs", low8, sft8),
-            ("jsd vs sft, 2 epochs", jsd2, sft2),
             ("jsd vs sft, 8 epochs", jsd8, sft8),
         ]
-        if grid == "length":
-            rows += [("tv vs sft, 2 epochs", arm(grid, "tv", 1e-3, **{"sft.epochs": 2}), sft2),
-                     ("jsd beta 1 vs sft, 2 epochs",
-                      arm(grid, "jsd", 1e-3, **{"sft.epochs": 2, "objective.beta": 1.0}), sft2),
-                     ("jsd beta 1 vs beta 0.1, 2 epochs",
-                      arm(grid, "jsd", 1e-3, **{"sft.epochs": 2, "objective.beta": 1.0}), jsd2),
-                     ("jsd beta 0.01 vs sft, 2 epochs",
-                      arm(grid, "jsd", 1e-3, **{"sft.epochs": 2, "objective.beta": 0.01}), sft2),
-                     ("jsd beta 0.01 vs tv (beta 0.1), 2 epochs",
-                      arm(grid, "jsd", 1e-3, **{"sft.epochs": 2, "objective.beta": 0.01}),
-                      arm(grid, "tv", 1e-3, **{"sft.epochs": 2}))]
-        else:
-            rows += [(f"{o} vs sft, 8 epochs", arm(grid, o, 1e-3, **{"sft.epochs": 8}, **w), sft8)
-                     for o in ("chi2", "hellinger", "rkl")]
-        print_rows(root, f"{world}: SFT length, learning rate, objective", rows, metrics)
-        arms = [("sft 1e-3, 2 ep", sft2), ("sft 3e-4, 2 ep", low2), ("jsd, 2 ep", jsd2),
+        arms = [("sft 1e-3, 2 ep", sft2), ("sft 3e-4, 2 ep", low2),
                 ("sft 1e-3, 8 ep", sft8), ("sft 3e-4, 8 ep", low8), ("jsd, 8 ep", jsd8)]
-        if grid == "forgetting":
-            arms += [(f"{o}, 8 ep", arm(grid, o, 1e-3, **{"sft.epochs": 8}, **w)) for o in ("chi2", "hellinger", "rkl")]
+        if grid == "length":
+            rows += [("jsd vs sft, 2 epochs", jsd2, sft2),
+                     ("tv vs sft, 2 epochs", arm(grid, "tv", 1e-3, **{"sft.epochs": 2}), sft2)]
+            arms.insert(2, ("jsd, 2 ep", jsd2))
+        else:  # the drift limits beside the paper's, where drift costs something
+            others = ("sft_kl", "asft")
+            rows += [(f"{o} vs sft, 8 epochs", arm(grid, o, 1e-3, **{"sft.epochs": 8}, **w), sft8) for o in others]
+            arms += [(f"{o}, 8 ep", arm(grid, o, 1e-3, **{"sft.epochs": 8}, **w)) for o in others]
+        print_rows(root, f"{world}: SFT length, learning rate, objective", rows, metrics)
         means(root, world, arms, ["eval.base.gold_reward"] + metrics)
 
     # The optimiser: clipping on (the default, from the length grid), off, and plain SGD.
