@@ -3,8 +3,8 @@
     python docs/reproduction/question.py [ROOT]        # ROOT: the folder of the grids (multirun/reproduce)
 
 Reads the grids `make reproduce` writes under ROOT (objectives, beta, length, forgetting,
-optimiser, dpo-strength) and prints one table per axis: each row compares an arm with a baseline run of the *same base
-model and seed* (ibridge.analysis.effects pairs the same way), the difference averaged over
+optimiser, dpo-strength) and prints one table per axis (gold reward, win rate and skills in
+points, x100): each row compares an arm with a baseline run of the *same base model and seed* (ibridge.analysis.effects pairs the same way), the difference averaged over
 seeds within a base, then mean ± standard error over the bases. Unlike `ibridge report`, a row
 may compare different settings (8 against 2 SFT epochs) or read several folders, and it shows
 the forgetting world's `retained_skill`. Rows whose runs have not finished are listed as such.
@@ -12,6 +12,7 @@ the forgetting world's `retained_skill`. Rows whose runs have not finished are l
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections import defaultdict
@@ -53,11 +54,16 @@ def _same_number(a, b) -> bool:
         return False
 
 
+@functools.cache
+def _grid_runs(folder: Path) -> tuple:
+    """Every run of one grid folder, read once: each table row would otherwise re-read them all."""
+    return tuple(load_runs(folder)) if folder.is_dir() else ()
+
+
 def _runs(root: Path, spec: tuple) -> dict[tuple, object]:
     grid, objective, lr, settings = spec
-    folder = root / grid
     out = {}
-    for run in load_runs(folder) if folder.is_dir() else []:
+    for run in _grid_runs(root / grid):
         if run.completed and _matches(run, objective, lr, settings):
             out[(run.settings.get(BASE_KEY, "null"), run.seed)] = run
     return out
@@ -82,21 +88,34 @@ def paired(root: Path, a: tuple, b: tuple, metric: str):
     return float(values.mean()), se, units
 
 
-def _fmt(result, scale: float = 1.0) -> str:
+# Gold reward, win rate and the skills are fractions; the tables give their differences in points (x100).
+POINTS = {"eval.dpo.gold_reward", "eval.dpo.win_rate", "eval.sft.gold_reward", "eval.sft.retained_skill",
+          "eval.dpo.retained_skill", "eval.dpo.taught_skill"}
+
+
+def _fmt(result, scale: float = 1.0, digits: int = 3) -> str:
     if result is None:
         return "not run"
     mean, se, units = result
     above = sum(v > 0 for v in units.values())
-    se_text = "" if math.isnan(se) else f" ± {se * scale:.3f}"
-    return f"{mean * scale:+.3f}{se_text} ({above}/{len(units)})"
+    se_text = "" if math.isnan(se) else f" ± {se * scale:.{digits}f}"
+    return f"{mean * scale:+.{digits}f}{se_text} ({above}/{len(units)})"
+
+
+def _cell(root: Path, a: tuple, b: tuple, metric: str) -> str:
+    return _fmt(paired(root, a, b, metric), *((100, 1) if metric in POINTS else (1, 2)))
+
+
+def _header(metric: str) -> str:
+    return METRICS[metric] + (" (pts)" if metric in POINTS else "")
 
 
 def print_rows(root: Path, title: str, rows: list[tuple[str, tuple, tuple]], metrics: list[str]) -> None:
     print(f"\n### {title}\n")
-    print("| comparison | " + " | ".join(METRICS[m] for m in metrics) + " |")
+    print("| comparison | " + " | ".join(_header(m) for m in metrics) + " |")
     print("|---|" + "---:|" * len(metrics))
     for label, a, b in rows:
-        print(f"| {label} | " + " | ".join(_fmt(paired(root, a, b, m)) for m in metrics) + " |")
+        print(f"| {label} | " + " | ".join(_cell(root, a, b, m) for m in metrics) + " |")
 
 
 def means(root: Path, title: str, arms: list[tuple[str, tuple]], metrics: list[str]) -> None:
@@ -203,7 +222,7 @@ def main(root: Path) -> None:
 
 def _sgd_lr(root: Path) -> float:
     """The SGD learning rate the optimiser grid ran at (Makefile SGD_LR)."""
-    for run in load_runs(root / "optimiser") if (root / "optimiser").is_dir() else []:
+    for run in _grid_runs(root / "optimiser"):
         if run.settings.get("sft.optimizer") == "sgd":
             return float(run.lr)
     return 0.3
