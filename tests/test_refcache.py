@@ -246,12 +246,17 @@ def test_scoring_builds_logits_at_labelled_tokens_only_and_equals_textbook(tiny,
         monkeypatch.setattr(packing, "FUSED_HEAD_BYTES", 0)  # every batch through ibridge/lmhead.py
     model = load_model(tiny, CPU_FP32)
     sequences = make_sequences(seed=4)
-    logit_rows = []
+    logit_rows, every_layer = [], []
     model.register_forward_hook(
         lambda mod, args, kwargs, out: logit_rows.append(out.logits.shape[:-1].numel()), with_kwargs=True)
+    model.register_forward_pre_hook(
+        lambda mod, args, kwargs: every_layer.append(bool(kwargs.get("output_hidden_states"))), with_kwargs=True)
     got = sequence_token_logps(model, sequences, CPU_FP32, PAD, max_tokens=10**6)
     labelled = sum(label != -100 for seq in sequences for label in seq["labels"][1:])
     assert logit_rows and sum(logit_rows) <= labelled
+    # The chunked head reads the decoder's last hidden states (packing.final_hidden_states), not
+    # every layer's: in a no-grad pass those would be held for nothing (L + 1 x T x H).
+    assert not any(every_layer)
     for value, seq in zip(got, sequences, strict=True):
         torch.testing.assert_close(value, independent_logps(model, seq), rtol=1e-5, atol=1e-5)
 

@@ -59,12 +59,12 @@ def training_peak(parameters: int, vocab: int, arch: dict, attn: str, tokens: in
 def reference_pass_peak(parameters: int, vocab: int, arch: dict, tokens: int, scored: int,
                         fused_head_bytes: int = 256 * MIB) -> dict:
     """Peak growth of ibridge's reference pass (ibridge/refcache.py): the reference's weights, the
-    hidden states of its largest token-budget batch (`tokens` real tokens, packed; no gradients, so
-    nothing saved), and the head at its `scored` tokens only, as in training: past
+    decoder's last hidden states for its largest token-budget batch (`tokens` real tokens, packed;
+    no gradients, so nothing else is kept), and the head at its `scored` tokens only, as in training: past
     `fused_head_bytes` of logits the chunked head's tiles, else those logits and a log-prob chunk."""
-    hidden, layers = arch["hidden_size"], arch["num_hidden_layers"]
+    hidden = arch["hidden_size"]
     parts = {"weights": parameters * FLOAT / MIB,
-             "hidden states": (layers + 1) * tokens * hidden * FLOAT / MIB}
+             "hidden states": tokens * hidden * FLOAT / MIB}
     if scored * vocab * FLOAT > fused_head_bytes:
         parts["chunked head"] = 2 * HEAD_CHUNK_ELEMENTS * FLOAT / MIB
     else:
