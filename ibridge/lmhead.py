@@ -18,17 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ibridge.chunking import row_chunks
+
 # Rows of each chunk: about 2**24 logits (64 MiB in float32) at a time, whatever the vocabulary.
 CHUNK_ELEMENTS = 2**24
 # Model families whose logits are exactly ``lm_head(last_hidden_state)`` (no soft-capping,
 # scaling or bias tricks between them), so the head can be applied outside the model.
 FUSED_HEAD_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral"})
-
-
-def _row_chunks(n_rows: int, vocab: int):
-    step = max(1, CHUNK_ELEMENTS // max(vocab, 1))
-    for start in range(0, n_rows, step):
-        yield slice(start, min(start + step, n_rows))
 
 
 class _LinearLabelLogProb(torch.autograd.Function):
@@ -44,7 +40,7 @@ class _LinearLabelLogProb(torch.autograd.Function):
         out = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)  # (S,)
         lse = torch.empty_like(out)  # (S,)
         with torch.autocast(hidden.device.type, enabled=False):
-            for rows in _row_chunks(hidden.shape[0], vocab):
+            for rows in row_chunks(hidden.shape[0], vocab, CHUNK_ELEMENTS):
                 logits = F.linear(hidden[rows].to(dtype), w, b).to(acc)  # (n, V)
                 lse[rows] = torch.logsumexp(logits, dim=-1)
                 out[rows] = logits.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1) - lse[rows]
@@ -65,7 +61,7 @@ class _LinearLabelLogProb(torch.autograd.Function):
         grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if need_b and bias is not None else None
         grad_out = grad_out.to(acc)
         with torch.autocast(hidden.device.type, enabled=False):
-            for rows in _row_chunks(hidden.shape[0], vocab):
+            for rows in row_chunks(hidden.shape[0], vocab, CHUNK_ELEMENTS):
                 h = hidden[rows].to(dtype)  # (n, H)
                 go = grad_out[rows].unsqueeze(-1)  # (n, 1)
                 # d/dz_j (z_target - lse) = 1[j = target] - softmax(z)_j, times the incoming gradient

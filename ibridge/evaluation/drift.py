@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ibridge.chunking import row_chunks
 from ibridge.data.collate import pad_sequences
 from ibridge.distributed import DistInfo, all_reduce_sum, shard_of
 from ibridge.evaluation.stats import mean_and_stderr, preferences_from_scores
@@ -93,11 +94,10 @@ def token_kl(policy, reference, sequences: list[dict], runtime: Runtime, pad_id:
         rows = scored.reshape(-1).nonzero().squeeze(-1)  # (N,)
         flat_pi = logits_pi.reshape(-1, vocab)  # (B*T, V): a view, no copy
         flat_ref = logits_ref.reshape(-1, vocab)
-        step = max(1, CHUNK_ELEMENTS // vocab)
         if not counted:  # a stand-in: its forwards kept the collectives paired; nothing to add
             rows = rows[:0]
-        for start in range(0, rows.numel(), step):
-            index = rows[start : start + step]
+        for part in row_chunks(rows.numel(), vocab, CHUNK_ELEMENTS):
+            index = rows[part]
             logp = F.log_softmax(flat_pi[index].float(), dim=-1)  # (n, V)
             logq = F.log_softmax(flat_ref[index].float(), dim=-1)  # (n, V)
             # sum_v p_v (log p_v - log q_v), summed over the n rows

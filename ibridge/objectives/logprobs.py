@@ -17,17 +17,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ibridge.chunking import row_chunks
+
 __all__ = ["token_logps", "sequence_logps", "label_logps"]
 
 # Rows of the flattened (N, V) logits handled at once: about 2**25 float32 elements (128 MiB)
 # of temporary memory per chunk, whatever the vocabulary size.
 _CHUNK_ELEMENTS = 2**25
-
-
-def _chunks(n_rows: int, vocab: int):
-    step = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
-    for start in range(0, n_rows, step):
-        yield slice(start, min(start + step, n_rows))
 
 
 def _compute_dtype(logits: Tensor) -> torch.dtype:
@@ -49,7 +45,7 @@ class _LabelLogProb(torch.autograd.Function):
         dtype = _compute_dtype(logits)
         out = torch.empty(n_rows, dtype=dtype, device=logits.device)  # (N,)
         lse = torch.empty(n_rows, dtype=dtype, device=logits.device)  # (N,)
-        for rows in _chunks(n_rows, vocab):
+        for rows in row_chunks(n_rows, vocab, _CHUNK_ELEMENTS):
             x = flat[rows].to(dtype)  # (n, V)
             lse[rows] = torch.logsumexp(x, dim=-1)
             out[rows] = x.gather(-1, flat_targets[rows]).squeeze(-1) - lse[rows]
@@ -65,7 +61,7 @@ class _LabelLogProb(torch.autograd.Function):
         flat_grad_out = grad_out.reshape(-1, 1).to(lse.dtype)  # (N, 1)
         grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         flat_grad = grad_logits.view(-1, vocab)  # (N, V)
-        for rows in _chunks(flat.shape[0], vocab):
+        for rows in row_chunks(flat.shape[0], vocab, _CHUNK_ELEMENTS):
             # d/dx_j (x_target - lse) = 1[j = target] - softmax(x)_j
             go = flat_grad_out[rows]  # (n, 1)
             g = torch.exp(flat[rows].to(lse.dtype) - lse[rows].unsqueeze(-1)).mul_(-go)  # (n, V)

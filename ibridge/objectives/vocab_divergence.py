@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ibridge.chunking import row_chunks
+
 __all__ = ["KL_DIRECTIONS", "vocab_kl"]
 
 #: ``policy_ref``: KL(pi || pi_ref), what DESIGN.md §1's anchor and ``kl/token`` measure;
@@ -34,12 +36,6 @@ KL_DIRECTIONS = ("policy_ref", "ref_policy")
 
 # Rows handled at once: about 2**25 float32 elements (128 MiB) per temporary, whatever V.
 _CHUNK_ELEMENTS = 2**25
-
-
-def _chunks(n_rows: int, vocab: int):
-    step = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
-    for start in range(0, n_rows, step):
-        yield slice(start, min(start + step, n_rows))
 
 
 class _VocabKL(torch.autograd.Function):
@@ -56,7 +52,7 @@ class _VocabKL(torch.autograd.Function):
         kl = torch.empty(n, dtype=dtype, device=logits.device)  # (N,)
         lse_p = torch.empty(n, dtype=dtype, device=logits.device)  # (N,)
         lse_q = torch.empty(n, dtype=dtype, device=logits.device)  # (N,)
-        for part in _chunks(n, vocab):
+        for part in row_chunks(n, vocab, _CHUNK_ELEMENTS):
             # in-place arithmetic: each chunk holds two (n, V) float32 temporaries at a time
             logp = flat.index_select(0, rows[part]).to(dtype)  # (n, V) policy logits
             logq = ref_rows[part].to(dtype, copy=True)  # (n, V) reference logits (a copy: edited in place)
@@ -82,7 +78,7 @@ class _VocabKL(torch.autograd.Function):
         grad_logits = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
         flat_grad = grad_logits.view(-1, vocab)  # (M, V)
         go = grad_out.to(kl.dtype)  # (N,)
-        for part in _chunks(rows.numel(), vocab):
+        for part in row_chunks(rows.numel(), vocab, _CHUNK_ELEMENTS):
             index = rows[part]
             logp = flat.index_select(0, index).to(kl.dtype).sub_(lse_p[part].unsqueeze(-1))  # (n, V)
             logq = ref_rows[part].to(kl.dtype, copy=True).sub_(lse_q[part].unsqueeze(-1))  # (n, V)
