@@ -8,6 +8,10 @@ benchmarks/bench_scale.py prints both beside the measured figures.
 
 from __future__ import annotations
 
+from ibridge import lmhead
+from ibridge.objectives import logprobs
+from ibridge.packing import FUSED_HEAD_BYTES
+
 MIB = 2**20
 FLOAT = 4  # bytes, fp32
 # Saved-for-backward floats per token per decoder layer, transformers' Llama in fp32 with sdpa
@@ -17,10 +21,10 @@ FLOAT = 4  # bytes, fp32
 ACT_PER_H, ACT_PER_I = 13, 5
 ACT_NON_LAYER_PER_H = 2.5  # the embeddings' output and the final norm, per token
 # Temporaries: the chunked head (ibridge/lmhead.py) holds about two (chunk, V) float32 tiles
-# at once; label_logps (ibridge/objectives/logprobs.py) one of 2**25 elements (logsumexp's)
-# on float32 logits, whose chunks are views.
-HEAD_CHUNK_ELEMENTS = 2**24
-LOGPROB_CHUNK_ELEMENTS = 2**25
+# at once; label_logps (ibridge/objectives/logprobs.py) one chunk (logsumexp's) on float32
+# logits, whose chunks are views. The budgets are ibridge's own, so the model follows the code.
+HEAD_CHUNK_ELEMENTS = lmhead.CHUNK_ELEMENTS
+LOGPROB_CHUNK_ELEMENTS = logprobs._CHUNK_ELEMENTS
 
 
 def activations_mb(tokens: int, arch: dict, attn: str, row_width: int) -> float:
@@ -57,7 +61,7 @@ def training_peak(parameters: int, vocab: int, arch: dict, attn: str, tokens: in
 
 
 def reference_pass_peak(parameters: int, vocab: int, arch: dict, tokens: int, scored: int,
-                        fused_head_bytes: int = 256 * MIB) -> dict:
+                        fused_head_bytes: int = FUSED_HEAD_BYTES) -> dict:
     """Peak growth of ibridge's reference pass (ibridge/refcache.py): the reference's weights, the
     decoder's last hidden states for its largest token-budget batch (`tokens` real tokens, packed;
     no gradients, so nothing else is kept), and the head at its `scored` tokens only, as in training: past
