@@ -162,18 +162,20 @@ def main(root: Path) -> None:
         w = {"world": "forgetting"} if grid == "forgetting" else {}
         sft2, sft8 = arm(grid, "sft", 1e-3, **{"sft.epochs": 2}, **w), arm(grid, "sft", 1e-3, **{"sft.epochs": 8}, **w)
         # The default world's lr 3e-4 at 2 epochs comes from the lr grid (3 seeds), against its own lr 1e-3.
-        low2 = arm(grid, "sft", 3e-4, **{"sft.epochs": 2}, **w) if grid == "forgetting" else arm("lr", "sft", 3e-4)
+        low2, high2 = ((arm(grid, "sft", 3e-4, **{"sft.epochs": 2}, **w), sft2) if grid == "forgetting"
+                       else (arm("lr", "sft", 3e-4), arm("lr", "sft", 1e-3)))
         low8 = arm(grid, "sft", 3e-4, **{"sft.epochs": 8}, **w)
-        jsd2, jsd8 = arm(grid, "jsd", 1e-3, **{"sft.epochs": 2}, **w), arm(grid, "jsd", 1e-3, **{"sft.epochs": 8}, **w)
+        jsd8 = arm(grid, "jsd", 1e-3, **{"sft.epochs": 8}, **w)
         rows = [
             ("8 vs 2 SFT epochs (sft, lr 1e-3)", sft8, sft2),
-            ("lr 3e-4 vs 1e-3, 2 epochs", low2, sft2 if grid == "forgetting" else arm("lr", "sft", 1e-3)),
+            ("lr 3e-4 vs 1e-3, 2 epochs", low2, high2),
             ("lr 3e-4 vs 1e-3, 8 epochs", low8, sft8),
             ("jsd vs sft, 8 epochs", jsd8, sft8),
         ]
         arms = [("sft 1e-3, 2 ep", sft2), ("sft 3e-4, 2 ep", low2),
                 ("sft 1e-3, 8 ep", sft8), ("sft 3e-4, 8 ep", low8), ("jsd, 8 ep", jsd8)]
         if grid == "length":
+            jsd2 = arm(grid, "jsd", 1e-3, **{"sft.epochs": 2})
             rows += [("jsd vs sft, 2 epochs", jsd2, sft2),
                      ("tv vs sft, 2 epochs", arm(grid, "tv", 1e-3, **{"sft.epochs": 2}), sft2)]
             arms.insert(2, ("jsd, 2 ep", jsd2))
