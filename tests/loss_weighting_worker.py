@@ -14,29 +14,23 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ibridge.distributed import DistInfo  # noqa: E402
-from ibridge.runtime import Runtime  # noqa: E402
+from tests.torchrun import gloo_ddp_runtime  # noqa: E402
 from tests.weighting_case import OBJECTIVES, gradient_gap, loop_gradient, one_batch_gradient  # noqa: E402
 
 
 def main(out: Path) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    info = DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), mode="ddp")
-    runtime = Runtime(device=torch.device("cpu"), precision="fp32", dist=info)
-    report = {}
-    for kind in OBJECTIVES:
-        loss, grads = loop_gradient(kind, batch_size=1, grad_accum=4, runtime=runtime)
-        ref_loss, ref_grads = one_batch_gradient(kind)
-        report[kind] = {"loss_diff": abs(loss - ref_loss), **gradient_gap(grads, ref_grads)}
-    if info.is_main:
-        out.write_text(json.dumps(report))
-    dist.barrier()
-    dist.destroy_process_group()
+    with gloo_ddp_runtime() as runtime:
+        report = {}
+        for kind in OBJECTIVES:
+            loss, grads = loop_gradient(kind, batch_size=1, grad_accum=4, runtime=runtime)
+            ref_loss, ref_grads = one_batch_gradient(kind)
+            report[kind] = {"loss_diff": abs(loss - ref_loss), **gradient_gap(grads, ref_grads)}
+        if runtime.dist.is_main:
+            out.write_text(json.dumps(report))
 
 
 if __name__ == "__main__":

@@ -14,15 +14,14 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ibridge.packing  # noqa: E402
-from ibridge.distributed import DistInfo  # noqa: E402
 from ibridge.runtime import Runtime  # noqa: E402
 from ibridge.training import OptimSettings, optimise  # noqa: E402
 from ibridge.updates import TorchUpdate  # noqa: E402
+from tests.torchrun import gloo_ddp_runtime  # noqa: E402
 from tests.weighting_case import examples, gradient_gap, one_batch_gradient, parts, tiny_model  # noqa: E402
 
 
@@ -57,20 +56,16 @@ def packed_step_gradient(kind: str, runtime: Runtime) -> dict:
 
 def main(out: Path) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    info = DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), mode="ddp")
-    runtime = Runtime(device=torch.device("cpu"), precision="fp32", dist=info)
     ibridge.packing.FUSED_HEAD_BYTES = 0  # every micro-batch through the chunked head
-    report = {}
-    for kind in ("sft", "dpo"):
-        got = packed_step_gradient(kind, runtime)
-        _, ref_grads = one_batch_gradient(kind)
-        report[kind] = {"ddp": got["ddp"], "packed_batches": got["packed_batches"],
-                        **gradient_gap(got["grads"], ref_grads)}
-    if info.is_main:
-        out.write_text(json.dumps(report))
-    dist.barrier()
-    dist.destroy_process_group()
+    with gloo_ddp_runtime() as runtime:
+        report = {}
+        for kind in ("sft", "dpo"):
+            got = packed_step_gradient(kind, runtime)
+            _, ref_grads = one_batch_gradient(kind)
+            report[kind] = {"ddp": got["ddp"], "packed_batches": got["packed_batches"],
+                            **gradient_gap(got["grads"], ref_grads)}
+        if runtime.dist.is_main:
+            out.write_text(json.dumps(report))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Launching 2-process torchrun jobs on CPU (gloo) from tests; not a test module."""
+"""Launching 2-process torchrun jobs on CPU (gloo) from tests, and the process group inside
+those workers; not a test module."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,3 +36,21 @@ def run_worker(worker: str, *args: str, env: dict | None = None, timeout: float 
                           text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-tail:]
     return proc
+
+
+@contextmanager
+def gloo_ddp_runtime() -> Iterator:
+    """Inside a worker that torchrun started: a gloo process group and the fp32 CPU runtime in
+    DDP mode. On a normal exit every rank waits at a barrier (so rank 0 has written its report
+    before any rank leaves), then the group is torn down."""
+    import torch
+    import torch.distributed as dist
+
+    from ibridge.distributed import DistInfo
+    from ibridge.runtime import Runtime
+
+    dist.init_process_group("gloo")
+    info = DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), mode="ddp")
+    yield Runtime(device=torch.device("cpu"), precision="fp32", dist=info)
+    dist.barrier()
+    dist.destroy_process_group()
