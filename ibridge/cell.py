@@ -1,4 +1,4 @@
-"""The `cell` wandb run: one per pipeline, the run a dashboard's cell panels read (DESIGN.md §3).
+"""The `cell` wandb run: one per pipeline, the run a dashboard's cell panels read (docs/design.md §3).
 
 Logged last. Its config holds the swept axes at the top level (``objective``, ``lr``,
 ``seed``, ``base_seed``, ``dpo.*``; see :func:`ibridge.naming.cell_axes`); its summary:

@@ -1,4 +1,4 @@
-"""Config validation: every check that can fail before a model loads (DESIGN.md §3).
+"""Config validation: every check that can fail before a model loads (docs/design.md §3).
 
 Hydra composes the config; this module checks what composition cannot: value
 ranges, the job name, and whether the objective's data kind matches the data.

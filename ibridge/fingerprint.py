@@ -1,6 +1,6 @@
 """What a cached reference log-prob depends on: the model's content and the numerics it ran under.
 
-DESIGN.md §1 ("Cost") caches ``log pi_ref`` keyed by reference model and data. A cached value
+docs/design.md §1 ("Cost") caches ``log pi_ref`` keyed by reference model and data. A cached value
 may be served only where a fresh reference pass would compute it under the same conditions, so
 the key (``ibridge.refcache.reference_cache_key``) combines
 

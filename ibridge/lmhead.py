@@ -1,6 +1,6 @@
 """Log-probabilities of labels through the LM head without materialising the logits.
 
-A training step needs ``log pi(a_t | s_t)`` at scored tokens only (DESIGN.md §1). The usual
+A training step needs ``log pi(a_t | s_t)`` at scored tokens only (docs/design.md §1). The usual
 route, ``logits = lm_head(hidden)`` then a log-softmax, holds an ``(S, V)`` tensor for the
 backward pass plus its gradient: at Llama-3's 128,256-token vocabulary that is 0.5 GB per
 thousand scored tokens in float32, more than the activations of a small model
@@ -86,7 +86,7 @@ def linear_label_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, targ
 
     The matmuls run in the autocast dtype when autocast is on (as ``lm_head`` would), else in
     the hidden states' dtype; the log-softmax and the result are float32 (float64 for float64
-    inputs), as in ``ibridge.objectives.logprobs`` (DESIGN.md §4).
+    inputs), as in ``ibridge.objectives.logprobs`` (docs/design.md §4).
     """
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1] or weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"linear_label_logps: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, "

@@ -1,6 +1,6 @@
 """Optional LoRA (peft) for any stage, merged at the end of the stage.
 
-Merging is what keeps the reference right (DESIGN.md §1: pi_ref is the model a
+Merging is what keeps the reference right (docs/design.md §1: pi_ref is the model a
 stage starts from): a LoRA SFT stage saves the *merged* SFT model as its
 checkpoint, so the DPO stage that starts from it uses the SFT model — not the
 base — as its reference, with no adapter bookkeeping.

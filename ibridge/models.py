@@ -177,7 +177,7 @@ def _file_lock(path: Path):
 
 
 def ensure_toy_base(model_cfg, world_config, runtime: Runtime) -> Path:
-    """The toy base model's folder, built and cached on first use (DESIGN.md §2)."""
+    """The toy base model's folder, built and cached on first use (docs/design.md §2)."""
     if model_cfg.get("name_or_path"):
         return Path(str(model_cfg.name_or_path)).expanduser()
     key = toy_base_key(model_cfg, world_config)

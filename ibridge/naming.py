@@ -1,4 +1,4 @@
-"""Run names that say the overrides, and the cell's swept axes (DESIGN.md §3).
+"""Run names that say the overrides, and the cell's swept axes (docs/design.md §3).
 
 A pipeline's wandb runs are named ``<kind>-<cell tag>``: ``sft-jsd-lr1e-4-s0``,
 ``eval-dpo-jsd-lr1e-4-s0``, ``cell-jsd-lr1e-4-s0``. The tag holds the SFT objective,

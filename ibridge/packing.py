@@ -20,7 +20,7 @@ gradients, are those of the padded forward up to float rounding (tests/test_pack
 the batches are unchanged, unlike length-grouped batching, which re-weights the data
 (rejected in BENCHMARKS.md).
 
-Scored tokens only. The objectives (DESIGN.md §2) read ``log pi`` at response tokens
+Scored tokens only. The objectives (docs/design.md §2) read ``log pi`` at response tokens
 alone, so `scored_logps` asks the model for logits at those positions only
 (``logits_to_keep`` as a mask), and where the logits of a micro-batch would exceed
 FUSED_HEAD_BYTES, it takes the final hidden states and applies the head in chunks

@@ -1,6 +1,6 @@
 """Reference log-probs: one pass per stage, cached by reference model, data and numerics.
 
-DESIGN.md §1 ("Cost"): every objective needs log pi_ref only at the
+docs/design.md §1 ("Cost"): every objective needs log pi_ref only at the
 demonstration's own tokens, and these are fixed during a stage. They are
 computed once, stored under ``<cache_dir>/reflogps/<key>.safetensors`` with the
 key from :func:`reference_cache_key` (the reference's content, the exact token

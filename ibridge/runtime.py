@@ -25,7 +25,7 @@ class Runtime:
 
         Weights stay fp32 (the optimiser's master copy); only the forward runs in
         low precision. On a CPU without bf16 units autocast is about ten times
-        slower than fp32 (DESIGN.md §3), so `precision=auto` never picks it there.
+        slower than fp32 (docs/design.md §3), so `precision=auto` never picks it there.
         """
         if self.precision == "fp32":
             return contextlib.nullcontext()

@@ -1,7 +1,7 @@
 """One training stage, wired: data → encoding → cached reference → objective → loop → checkpoint.
 
 `train` runs one stage; `pipeline` runs SFT then DPO through the same function.
-The reference pi_ref is the model the stage starts from unless given (DESIGN.md
+The reference pi_ref is the model the stage starts from unless given (docs/design.md
 §1: the base model for SFT, the SFT model for DPO).
 """
 
@@ -122,7 +122,7 @@ def attach_reference(encoded: list[dict], kind: str, reference_path: Path, ctx, 
 
 
 def drift_evaluator(ctx, tokenizer, reference_path: Path):
-    """`kl/token` on held-out demonstrations: exact KL(pi || pi_ref) per prefix (DESIGN.md §1).
+    """`kl/token` on held-out demonstrations: exact KL(pi || pi_ref) per prefix (docs/design.md §1).
 
     The reference model is loaded on first use and kept for the stage's later evaluations
     (whole, fp32, on every rank). Every rank calls `evaluate`: each scores its share of the

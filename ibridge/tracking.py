@@ -1,4 +1,4 @@
-"""Metrics to metrics.jsonl and to wandb, organised for dashboards (DESIGN.md §3).
+"""Metrics to metrics.jsonl and to wandb, organised for dashboards (docs/design.md §3).
 
 One wandb project; a pipeline's stages share a `group` (a sweep's cells share
 the sweep's group); `job_type` is the stage; the run name says the overrides;

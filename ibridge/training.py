@@ -3,7 +3,7 @@
 Why a loop of our own rather than `transformers.Trainer`: a stage here is a
 fixed list of pre-tokenised examples with cached reference log-probs, an
 objective that is a pure function of log-prob tensors, and metrics named as in
-DESIGN.md §4. The Trainer's features that matter (cosine schedule with warmup,
+docs/design.md §4. The Trainer's features that matter (cosine schedule with warmup,
 gradient accumulation and clipping, safetensors checkpoints in Hugging Face
 format, seeding, mixed precision) take a few dozen lines; what it adds beyond
 them (callbacks, its own logging integrations, dataloader workers) costs

@@ -1,4 +1,4 @@
-"""wandb organised for dashboards (DESIGN.md §3), checked on wandb's own offline files.
+"""wandb organised for dashboards (docs/design.md §3), checked on wandb's own offline files.
 
 The runs are read back with tests/wandb_offline.py from the `.wandb` logs that
 `wandb sync` would upload: job types, names, configs, summaries, histories, tables

@@ -1,4 +1,4 @@
-"""Drift metrics (DESIGN.md §1, §3): float32 whatever the precision, and `kl/token` within a
+"""Drift metrics (docs/design.md §1, §3): float32 whatever the precision, and `kl/token` within a
 stated memory bound at a 128k vocabulary, against independent full-vocabulary computations."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Properties of the f-divergence objectives that DESIGN.md §1 says the tests should pin down:
+"""Properties of the f-divergence objectives that docs/design.md §1 says the tests should pin down:
 
 a. TV is SFT: its gradient is beta x the sequence-summed SFT gradient and nothing reaches the
    reference. Under Adam beta changes nothing only while gradient clipping does not bind:

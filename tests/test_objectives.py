@@ -1,4 +1,4 @@
-"""Hand-computed cases for ibridge.objectives (DESIGN.md §1, §4): log-prob extraction, SFT, the
+"""Hand-computed cases for ibridge.objectives (docs/design.md §1, §4): log-prob extraction, SFT, the
 f-divergence generators, DPO / cDPO / IPO, and the registry's errors."""
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def test_sft_hand_case():
 
 
 # --------------------------------------------------------------------------------------------
-# f-divergence generators (DESIGN.md §1 table)
+# f-divergence generators (docs/design.md §1 table)
 
 
 CLOSED_FORMS = {
@@ -384,7 +384,7 @@ def test_forward_kl_is_refused_with_the_reason(name):
     with pytest.raises(ValueError) as err:
         build_objective({"name": name})
     msg = str(err.value)
-    assert "1 + log s" in msg and "boundary" in msg and "s = 0" in msg and "DESIGN.md §1" in msg
+    assert "1 + log s" in msg and "boundary" in msg and "s = 0" in msg and "docs/design.md §1" in msg
 
 
 def test_unknown_param_names_it_and_lists_valid_ones():

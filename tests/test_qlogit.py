@@ -1,4 +1,4 @@
-"""Logits as a Q-function (DESIGN.md §1): the identities by hand and on a tiny Llama, the
+"""Logits as a Q-function (docs/design.md §1): the identities by hand and on a tiny Llama, the
 first-error AUROC convention, and the `qlogit` job end to end on tiny saved models."""
 
 from __future__ import annotations

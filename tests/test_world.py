@@ -1,4 +1,4 @@
-"""Tests of the toy world (ibridge.world, DESIGN.md §2)."""
+"""Tests of the toy world (ibridge.world, docs/design.md §2)."""
 
 from __future__ import annotations
 

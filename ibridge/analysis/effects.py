@@ -46,7 +46,7 @@ BASELINES = {
     "sft": "plain sft at the standard lr",
     "tv": "tv at the same lr and granularity, f-divergences only",
 }
-# The objectives compared with tv: the f-divergences other than tv (DESIGN.md §1), not sft
+# The objectives compared with tv: the f-divergences other than tv (docs/design.md §1), not sft
 # and not the objectives beside the paper (dft, sft_kl, ...). Named here rather than read from
 # ibridge.objectives, which would load torch into `ibridge report`; tests/test_grids.py checks
 # the set against the registry.

@@ -1,4 +1,4 @@
-"""Logits as a Q-function: pure tensor/array functions (DESIGN.md §1, "Logits as Q-function").
+"""Logits as a Q-function: pure tensor/array functions (docs/design.md §1, "Logits as Q-function").
 
 In the token MDP (state ``s_t = (x, a_<t)``, action ``a_t`` the next token), with raw logits
 ``l`` of the policy ``pi`` and of its reference ``pi_ref``:
@@ -152,7 +152,7 @@ def q_values(
 
 
 def check_identities(values: dict[str, Tensor]) -> tuple[float, float]:
-    """Largest absolute errors of the two identities of DESIGN.md §1 over ``values``.
+    """Largest absolute errors of the two identities of docs/design.md §1 over ``values``.
 
     ``values`` is what :func:`q_values` returns. Returns ``(token, sequence)``:
 

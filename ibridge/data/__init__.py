@@ -1,4 +1,4 @@
-"""Data sources, chat formatting and collation (DESIGN.md §4, "ibridge/data/").
+"""Data sources, chat formatting and collation (docs/design.md §4, "ibridge/data/").
 
 A *source* supplies examples of some of these kinds:
 

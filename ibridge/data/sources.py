@@ -1,4 +1,4 @@
-"""Where examples come from: the toy world, local files, or hub datasets (DESIGN.md §3).
+"""Where examples come from: the toy world, local files, or hub datasets (docs/design.md §3).
 
 A source has ``kinds`` (what it can supply) and ``examples(kind) -> list[dict]``
 for ``demonstrations``, ``heldout_demonstrations``, ``preferences``,
@@ -34,7 +34,7 @@ def _plain(cfg) -> dict:
 
 
 class ToySource:
-    """The synthetic world of DESIGN.md §2, built deterministically from its config."""
+    """The synthetic world of docs/design.md §2, built deterministically from its config."""
 
     kinds = ("demonstrations", "preferences", "heldout_pairs", "eval")
 

@@ -1,4 +1,4 @@
-"""Drift from the reference and implicit-reward accuracy (DESIGN.md §1, §3).
+"""Drift from the reference and implicit-reward accuracy (docs/design.md §1, §3).
 
 - `kl/token`: mean over demonstration prefixes s of KL(pi(.|s) || pi_ref(.|s)),
   exact over the vocabulary.

@@ -1,9 +1,9 @@
 """Evaluate a checkpoint: generations judged against fixed reference outputs.
 
-Metrics (`eval/…`, DESIGN.md §3): `gold_reward`, `win_rate` (ties count half)
+Metrics (`eval/…`, docs/design.md §3): `gold_reward`, `win_rate` (ties count half)
 with a bootstrap 95% interval `win_rate_ci`, `lc_win_rate`, `avg_length`, and,
 when a reference model is given, `kl_to_ref` (+ `kl_to_ref_se`) and
-`implicit_reward_acc` on held-out pairs (both float32, DESIGN.md §3). `kl_to_ref` is
+`implicit_reward_acc` on held-out pairs (both float32, docs/design.md §3). `kl_to_ref` is
 sampled with generation capped at `eval.max_new_tokens`, so it is the KL between the
 two models' distributions over responses truncated there; `kl_to_ref_truncated_at`
 records that cap next to it. `judge_truncated` / `judge_truncated_reference` count
@@ -61,7 +61,7 @@ def evaluate_checkpoint(
     if ev.num_prompts > 0:
         examples = examples[: ev.num_prompts]
     prompts = [example["prompt"] for example in examples]
-    # fp32 weights (the scoring is float32, DESIGN.md §3) that need no gradients: autocast
+    # fp32 weights (the scoring is float32, docs/design.md §3) that need no gradients: autocast
     # keeps a bf16 copy of every weight only for leaves that require grad, so generation under
     # autocast then casts layer by layer instead of holding a second copy of the model.
     policy = load_model(policy_path, runtime).requires_grad_(False)

@@ -17,7 +17,7 @@ from ibridge.runtime import Runtime
 # and warpers), the decoding mode, or where generation stops, at the value that leaves
 # pi(.|s) untouched. A checkpoint's generation_config.json may set any of them (hub
 # checkpoints often set temperature and top_p); then sampled responses would not be
-# draws from pi and the sampled KL (DESIGN.md §3) would be biased. They go to generate() as keyword
+# draws from pi and the sampled KL (docs/design.md §3) would be biased. They go to generate() as keyword
 # arguments, which take precedence over the checkpoint's values; a GenerationConfig
 # object would not do, since transformers fills its None fields from the checkpoint's.
 PURE_DECODING = {

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 class GoldJudge:
-    """The toy world's gold judge (DESIGN.md §2): graded reward in [0, 1]."""
+    """The toy world's gold judge (docs/design.md §2): graded reward in [0, 1]."""
 
     name = "gold"
     scores = True

@@ -1,6 +1,6 @@
 """`ibridge pipeline` (the default job): base → SFT(objective, lr) → DPO(dpo.*) → eval.
 
-The paper's unit of experiment (DESIGN.md §3). Each stage is evaluated, so a
+The paper's unit of experiment (docs/design.md §3). Each stage is evaluated, so a
 run shows what SFT and DPO each added: ``eval_by_stage`` holds base, sft and
 dpo; ``eval`` is the final (post-DPO) model's. Last comes the `cell` wandb run,
 which sums the pipeline up for dashboards (:mod:`ibridge.cell`), also when a

@@ -1,11 +1,11 @@
-"""`ibridge qlogit`: logits as a Q-function, for a checkpoint against its reference (DESIGN.md §1).
+"""`ibridge qlogit`: logits as a Q-function, for a checkpoint against its reference (docs/design.md §1).
 
     ibridge qlogit checkpoint=outputs/.../sft reference=null qlogit.beta=0.1
 
 For the chosen and the rejected response of held-out preference pairs it computes, per
 response token, ``Q(s_t, a_t)``, ``V(s_t)``, the per-token implicit reward
 ``beta * log pi(a_t|s_t) / pi_ref(a_t|s_t)`` and ``r_t = Q(s_t, a_t) - V(s_{t+1})``
-(:mod:`ibridge.analysis.qlogit`), checks both identities of DESIGN.md §1 on every analysed
+(:mod:`ibridge.analysis.qlogit`), checks both identities of docs/design.md §1 on every analysed
 sequence, and asks the empirical questions (``qlogit/…`` in metrics.jsonl and wandb, and
 ``results.json["qlogit"]``):
 

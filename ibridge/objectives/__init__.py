@@ -1,4 +1,4 @@
-"""Training objectives: pure functions of log-prob tensors and a registry (DESIGN.md §1, §4).
+"""Training objectives: pure functions of log-prob tensors and a registry (docs/design.md §1, §4).
 
 Use::
 
@@ -12,7 +12,7 @@ Use::
 Objectives: ``sft``; the f-divergence family ``tv``, ``chi2`` (alias ``pearson``), ``hellinger``,
 ``jsd``, ``rkl``; beside the paper, ``dft``, ``prior_leaning``, ``sft_kl`` and ``asft``
 (demonstrations); ``dpo``, ``cdpo``, ``ipo`` (preferences). Forward KL is refused with the
-reason (DESIGN.md §1). The trainer asks an objective for ``data_kind``, ``needs_reference`` and
+reason (docs/design.md §1). The trainer asks an objective for ``data_kind``, ``needs_reference`` and
 ``needs_reference_logits`` instead of testing names.
 """
 

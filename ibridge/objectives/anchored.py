@@ -8,7 +8,7 @@ Per scored token ``t`` (demonstration prefix ``s_t``), averaged over the scored 
 with ``KL_t`` the exact KL between the policy's and the reference's next-token distributions
 at ``s_t`` (``vocab_divergence.py``), in the direction ``kl_direction``:
 
-* ``policy_ref`` (default): KL(pi(.|s_t) || pi_ref(.|s_t)) — DESIGN.md §1's anchor, taken per
+* ``policy_ref`` (default): KL(pi(.|s_t) || pi_ref(.|s_t)) — docs/design.md §1's anchor, taken per
   prefix, and what ``kl/token`` measures; the ASFT paper (Zhu et al., arXiv 2509.23753) writes
   its anchor in this direction, as far as the public record shows (Unsloth's port,
   ``unsloth/losses/asft.py``, says so).
@@ -24,7 +24,7 @@ model with default settings"); ``train_v2.py``'s argument default is 0.1. ``sft_
 ``sft+kl`` ablation and this project's direct control for "does keeping the KL term alive
 help?": plain SFT plus the anchor, the same ``kl_coef`` default as ``asft``.
 
-Implicit-reward reading (DESIGN.md §1): ``max_pi E[r] - lambda KL(pi || pi_ref)`` is solved by
+Implicit-reward reading (docs/design.md §1): ``max_pi E[r] - lambda KL(pi || pi_ref)`` is solved by
 ``pi ∝ pi_ref e^{r/lambda}``, so the reward these objectives imply is
 ``lambda · log pi/pi_ref``: the ``implicit/*`` metrics use ``beta = kl_coef``. Unlike the
 f-divergences, whose anchor acts only through the demonstrated tokens' log-ratios, the KL

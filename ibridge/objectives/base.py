@@ -1,9 +1,9 @@
-"""Common interface of the training objectives (DESIGN.md §1 and §4).
+"""Common interface of the training objectives (docs/design.md §1 and §4).
 
 An objective is a small immutable object holding its hyper-parameters; calling it is a pure
 function of log-prob tensors (no state is mutated, nothing is cached). Two signature families:
 
-* demonstrations (SFT and the f-divergence family of DESIGN.md §1)::
+* demonstrations (SFT and the f-divergence family of docs/design.md §1)::
 
       obj(policy_logps, ref_logps, mask) -> ObjectiveOutput
       # policy_logps (B, T) per-token log pi, differentiable

@@ -1,6 +1,6 @@
-"""The f-divergence family of SFT objectives (DESIGN.md §1).
+"""The f-divergence family of SFT objectives (docs/design.md §1).
 
-DESIGN.md §1 turns ``min_pi D_f(pi_E || pi) + beta * KL(pi || pi_ref)`` into a loss on
+docs/design.md §1 turns ``min_pi D_f(pi_E || pi) + beta * KL(pi || pi_ref)`` into a loss on
 demonstrations only::
 
     L_f(theta) = - E_{(x, y) ~ demos} [ g_f(s) ],   s = beta * log pi_theta(y|x) / pi_ref(y|x),
@@ -72,7 +72,7 @@ GRANULARITIES = ("sequence", "token")
 
 @dataclass(frozen=True)
 class Generator:
-    """``g`` and ``g'`` of one row of the DESIGN.md §1 table, plus the continuation point.
+    """``g`` and ``g'`` of one row of the docs/design.md §1 table, plus the continuation point.
 
     ``s_star(M)`` solves ``g'(s*) = M`` in closed form; None when ``g'`` is bounded by 1 (tv),
     where no continuation is needed.
@@ -127,7 +127,7 @@ def _compute_dtype(s: Tensor) -> torch.dtype:
 
 
 def continued_g(s: Tensor, generator: Generator, max_weight: float) -> Tensor:
-    """``g(s)`` with the tangent-line continuation below ``s*`` (DESIGN.md §1, safe domain).
+    """``g(s)`` with the tangent-line continuation below ``s*`` (docs/design.md §1, safe domain).
 
     Any shape; differentiable; finite for every finite ``s``. Returns ``s``'s dtype.
     """
@@ -153,7 +153,7 @@ def continued_g_prime(s: Tensor, generator: Generator, max_weight: float) -> Ten
 def implicit_rewards(
     policy_logps: Tensor, ref_logps: Tensor, mask: Tensor, beta: float
 ) -> tuple[Tensor, Tensor]:
-    """Token and sequence implicit rewards of DESIGN.md §1.
+    """Token and sequence implicit rewards of docs/design.md §1.
 
     policy_logps, ref_logps (B, T), mask (B, T) bool → (token_rewards (B, T), 0 where masked;
     sequence_rewards (B,)), ``beta * log pi / pi_ref`` per token and summed over the sequence.
@@ -173,7 +173,7 @@ def fdivergence_losses(
     granularity: str = "sequence",
     max_weight: float = 10.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-unit losses ``-g(s)`` of DESIGN.md §1 (pure function).
+    """Per-unit losses ``-g(s)`` of docs/design.md §1 (pure function).
 
     policy_logps, ref_logps (B, T), mask (B, T) bool. A *unit* is a sequence (granularity
     ``sequence``: ``s`` is the sequence implicit reward) or a scored token (``token``: ``s_t`` is
@@ -195,7 +195,7 @@ def fdivergence_losses(
 
 
 class FDivergenceObjective(DemonstrationObjective):
-    """``L_f = -mean g_f(s)`` on demonstrations (DESIGN.md §1); subclasses pick ``g_f``.
+    """``L_f = -mean g_f(s)`` on demonstrations (docs/design.md §1); subclasses pick ``g_f``.
 
     Params: ``beta`` (> 0, default 0.1), ``granularity`` (``"sequence"``, default, averages over
     sequences; ``"token"`` averages over scored tokens), ``max_weight`` (> 1, default 10; the cap
@@ -212,7 +212,7 @@ class FDivergenceObjective(DemonstrationObjective):
             raise ValueError(
                 f"objective.max_weight must be > 1, got {max_weight!r}: g'(0) = 1 and g' decreases, "
                 "so a cap <= 1 would cut the objective at or above the initial policy (s = 0) "
-                "(DESIGN.md §1, safe domain)"
+                "(docs/design.md §1, safe domain)"
             )
         self.max_weight = max_weight
 
@@ -268,39 +268,39 @@ class FDivergenceObjective(DemonstrationObjective):
 
 
 class TotalVariation(FDivergenceObjective):
-    """``tv``: ``g(s) = s`` — SFT with a constant KL remnant (DESIGN.md §1)."""
+    """``tv``: ``g(s) = s`` — SFT with a constant KL remnant (docs/design.md §1)."""
 
     name: ClassVar[str] = "tv"
 
 
 class PearsonChi2(FDivergenceObjective):
-    """``chi2`` (alias ``pearson``): ``g(s) = 2(sqrt(1+s) - 1)`` (DESIGN.md §1)."""
+    """``chi2`` (alias ``pearson``): ``g(s) = 2(sqrt(1+s) - 1)`` (docs/design.md §1)."""
 
     name: ClassVar[str] = "chi2"
     aliases: ClassVar[tuple[str, ...]] = ("pearson",)
 
 
 class SquaredHellinger(FDivergenceObjective):
-    """``hellinger``: ``g(s) = s / (1+s)`` (DESIGN.md §1)."""
+    """``hellinger``: ``g(s) = s / (1+s)`` (docs/design.md §1)."""
 
     name: ClassVar[str] = "hellinger"
 
 
 class JensenShannon(FDivergenceObjective):
-    """``jsd`` (f-GAN form): ``g(s) = log(2 - e^-s)`` (DESIGN.md §1)."""
+    """``jsd`` (f-GAN form): ``g(s) = log(2 - e^-s)`` (docs/design.md §1)."""
 
     name: ClassVar[str] = "jsd"
 
 
 class ReverseKL(FDivergenceObjective):
-    """``rkl``: ``g(s) = 1 - e^-s`` (DESIGN.md §1)."""
+    """``rkl``: ``g(s) = 1 - e^-s`` (docs/design.md §1)."""
 
     name: ClassVar[str] = "rkl"
 
 
 FORWARD_KL_NAMES = ("forward_kl", "fkl", "kl", "forward-kl", "forwardkl")
 FORWARD_KL_REASON = (
-    "forward KL is not usable as an SFT objective (DESIGN.md §1): with f(u) = u log u, "
+    "forward KL is not usable as an SFT objective (docs/design.md §1): with f(u) = u log u, "
     "g(s) = 1 + log s is defined only for s > 0, so the initial policy (pi = pi_ref, s = 0) "
     "lies on the boundary of its domain, where g = -inf and g' = +inf; use rkl, jsd, hellinger "
     "or chi2 instead"

@@ -1,6 +1,6 @@
-"""Per-token log-probabilities of labelled tokens, kept apart from the losses (DESIGN.md §4).
+"""Per-token log-probabilities of labelled tokens, kept apart from the losses (docs/design.md §4).
 
-The objectives of DESIGN.md §1 only ever need ``log pi(a_t | s_t)`` at the demonstration's (or
+The objectives of docs/design.md §1 only ever need ``log pi(a_t | s_t)`` at the demonstration's (or
 response's) own tokens, so this module turns a causal LM's logits into exactly that and nothing
 more: shift by one, ``-100`` masking, float32 arithmetic.
 
@@ -82,7 +82,7 @@ def label_logps(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def token_logps(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
-    """Log-probability of each labelled token under a causal LM (DESIGN.md §1, ``log pi(a_t|s_t)``).
+    """Log-probability of each labelled token under a causal LM (docs/design.md §1, ``log pi(a_t|s_t)``).
 
     Args:
         logits: (B, T, V) from a causal LM run over ``input_ids`` (B, T); any float dtype
@@ -113,7 +113,7 @@ def token_logps(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> tup
 
 
 def sequence_logps(logps: Tensor, mask: Tensor) -> Tensor:
-    """``log pi(y|x) = sum_t log pi(a_t|s_t)`` over scored tokens (DESIGN.md §1).
+    """``log pi(y|x) = sum_t log pi(a_t|s_t)`` over scored tokens (docs/design.md §1).
 
     logps (B, T), mask (B, T) bool → (B,).
     """

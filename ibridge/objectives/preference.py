@@ -1,9 +1,9 @@
-"""Preference objectives for stage 2: DPO and its cheap relatives (DESIGN.md §1, "DPO").
+"""Preference objectives for stage 2: DPO and its cheap relatives (docs/design.md §1, "DPO").
 
 All take per-sequence log-probs (B,) of the chosen and rejected responses under the policy and
 the (fixed, precomputed) reference, and work with the sequence log-ratios
 ``rho = log pi(y|x) - log pi_ref(y|x)``, so that ``beta * rho`` is the implicit reward of
-DESIGN.md §1 and ``h = rho_chosen - rho_rejected`` its margin over ``beta``.
+docs/design.md §1 and ``h = rho_chosen - rho_rejected`` its margin over ``beta``.
 
 * ``dpo``: ``-(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)``; ``eps`` =
   ``label_smoothing`` (0 by default: plain DPO; > 0: conservative DPO, as TRL's sigmoid loss).

@@ -18,7 +18,7 @@ Gradients: ``d/d log p_t`` of the ``dft`` loss is ``-p_t`` and of ``f_alpha`` is
 so each token gets ``p_t^alpha`` times its SFT weight (``dft``: ``alpha = 1``). ``dft`` and
 ``prior_leaning(alpha=1)`` therefore have the same gradient: ``sg(p) ∇log p = ∇p``.
 
-Implicit-reward reading (DESIGN.md §1): with ``s_t = log pi/pi_ref`` at the token,
+Implicit-reward reading (docs/design.md §1): with ``s_t = log pi/pi_ref`` at the token,
 ``p_t = pi_ref(a_t|s_t) e^{s_t}``, so the weight ``p_t^alpha`` *grows* with the implicit reward —
 the opposite of the f-divergences, whose concave ``g`` down-weights tokens the policy already
 favours. There is no anchor: nothing pulls the policy back towards pi_ref.

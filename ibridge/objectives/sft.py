@@ -1,6 +1,6 @@
-"""Plain SFT: token-averaged cross-entropy on demonstrations (DESIGN.md §1).
+"""Plain SFT: token-averaged cross-entropy on demonstrations (docs/design.md §1).
 
-DESIGN.md §1 shows that SFT is the Total-Variation member of the f-divergence family: ``tv`` at
+docs/design.md §1 shows that SFT is the Total-Variation member of the f-divergence family: ``tv`` at
 token granularity with ``beta = 1`` has exactly this gradient (the losses differ by the constant
 ``mean_t log pi_ref``). This objective needs no reference model.
 """

@@ -1,6 +1,6 @@
 """Exact per-position KL between the policy's and the reference's next-token distributions.
 
-The objectives that anchor with a full-vocabulary KL (``sft_kl``, ``asft``; DESIGN.md §1's
+The objectives that anchor with a full-vocabulary KL (``sft_kl``, ``asft``; docs/design.md §1's
 ``KL(pi || pi_ref)`` taken at each demonstration prefix ``s_t`` rather than only at the
 demonstrated token) need, per scored position,
 
@@ -30,7 +30,7 @@ from ibridge.chunking import row_chunks
 
 __all__ = ["KL_DIRECTIONS", "vocab_kl"]
 
-#: ``policy_ref``: KL(pi || pi_ref), what DESIGN.md §1's anchor and ``kl/token`` measure;
+#: ``policy_ref``: KL(pi || pi_ref), what docs/design.md §1's anchor and ``kl/token`` measure;
 #: ``ref_policy``: KL(pi_ref || pi), what ASFT's released code computes (``F.kl_div(log p, q)``).
 KL_DIRECTIONS = ("policy_ref", "ref_policy")
 

@@ -1,4 +1,4 @@
-"""The synthetic toy world: tasks, gold judge, data splits and tokenizer (DESIGN.md §2).
+"""The synthetic toy world: tasks, gold judge, data splits and tokenizer (docs/design.md §2).
 
 No hub is reachable from a test machine, so the default ``model=toy data=toy`` builds
 everything here, deterministically from :attr:`WorldConfig.seed`, in well under a
@@ -9,9 +9,9 @@ Prompts are instructions ``"<task> <symbols>"`` (e.g. ``"sort 3 1 4"``) over the
 words; every task has a computable answer (:func:`solve`), so the gold :func:`judge` can
 grade any response: the share of the answer right before the first mistake, divided by
 the longer of answer and response (extra tokens are penalised), plus the position of
-the first wrong token (for the credit-assignment analysis of DESIGN.md §1).
+the first wrong token (for the credit-assignment analysis of docs/design.md §1).
 
-How each split imitates the real setting (DESIGN.md §2):
+How each split imitates the real setting (docs/design.md §2):
 
 - ``corpus`` (pretraining text, like the web text a base model sees): plain lines
   ``"sort 3 1 4 = 1 3 4"`` over the full length range, with a share ``corpus_noise`` of

@@ -1,4 +1,4 @@
-"""Building the splits of the toy world (DESIGN.md §2); see :mod:`ibridge.world` for the overview."""
+"""Building the splits of the toy world (docs/design.md §2); see :mod:`ibridge.world` for the overview."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Configuration of the toy world (DESIGN.md §2)."""
+"""Configuration of the toy world (docs/design.md §2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tasks of the toy world, the prompt grammar, and the gold judge (DESIGN.md §2).
+"""Tasks of the toy world, the prompt grammar, and the gold judge (docs/design.md §2).
 
 A prompt is an instruction: a task word followed by one or more symbols, e.g.
 ``"sort 3 1 4"``. Symbols are the digit words ``"0"`` .. ``"9"``. Every task has
@@ -111,7 +111,7 @@ def judge_words(answer: Sequence[str], response: Sequence[str]) -> Judgement:
 
 
 def judge(prompt: str, response: str) -> Judgement:
-    """Gold judge (DESIGN.md §2): grade ``response`` to the instruction ``prompt``.
+    """Gold judge (docs/design.md §2): grade ``response`` to the instruction ``prompt``.
 
     ``reward = (correct words before the first mistake) / max(len(answer), len(response words))``,
     so an exact answer scores 1.0, an empty response 0.0, and both a premature end

@@ -1,4 +1,4 @@
-"""Word-level tokenizer with a chat template for the toy world (DESIGN.md §2).
+"""Word-level tokenizer with a chat template for the toy world (docs/design.md §2).
 
 Built with the ``tokenizers`` library (``WordLevel`` + ``WhitespaceSplit``) and wrapped
 as a ``transformers`` fast tokenizer, so it is saved and loaded like any Hugging Face
