@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO as a backend of the training loop (``trainer=deepspeed``).
 
-The loop's maths is unchanged (docs/design.md §2 objectives, gradients averaged over
+The loop's maths is unchanged (docs/design.md §1 objectives, gradients averaged over
 ranks); DeepSpeed's engine takes over the three things it must own to shard state:
 the backward pass (it reduces and partitions gradients), gradient clipping and the
 optimiser step (it holds the AdamW moments, partitioned: ZeRO-1/2; and the weights
