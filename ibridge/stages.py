@@ -32,6 +32,7 @@ from ibridge.objectives import build_objective
 from ibridge.objectives.logprobs import sequence_logps, token_logps
 from ibridge.packing import PackedForward, packing_supported, scored_logps
 from ibridge.refcache import cached_reference_logps
+from ibridge.resource_config import gradient_checkpointing
 from ibridge.training import OptimSettings, optimise
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ def load_trainable(init_path: Path, ctx):
     lora = lora_enabled(cfg.model)
     frozen_dtype = torch.bfloat16 if lora and trains_on_bf16_weights(runtime) else None
     model = load_model(init_path, runtime, on_device=not runtime.dist.sharded, dtype=frozen_dtype)
-    if bool(cfg.trainer.get("gradient_checkpointing", False)):
+    if gradient_checkpointing(cfg):  # trainer.gradient_checkpointing, or the model config's default
         model.config.use_cache = False
         # transformers >= 5.x names it activation checkpointing; older releases gradient checkpointing.
         if hasattr(model, "activation_checkpointing_enable"):
@@ -200,6 +201,7 @@ def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path
         max_grad_norm=float(opt_cfg.max_grad_norm),
         log_every=int(opt_cfg.log_every),
         save_every=int(opt_cfg.get("save_every", 0)),
+        save_every_min=float(opt_cfg.get("save_every_min", 0)),
         eval_every=int(opt_cfg.eval_every),
         warmup_ratio=float(cfg.schedule.warmup_ratio),
         schedule=str(cfg.schedule.name),
