@@ -19,6 +19,7 @@ class Runtime:
     trust_remote_code: bool = False  # off unless model.trust_remote_code=true
     lora: bool = False  # model.lora.enabled: stages train adapters over a frozen base
     dist: DistInfo = DistInfo()
+    tf32: bool = True  # trainer.tf32: TF32 matmuls in fp32 scoring passes on GPUs (ibridge/scoring.py)
 
     def autocast(self):
         """Mixed precision on accelerators; a no-op in fp32.
@@ -52,13 +53,19 @@ def resolve_runtime(trainer_cfg, model_cfg=None) -> Runtime:
     attn = trainer_cfg.get("attn_implementation", "auto")
     if attn == "auto":
         attn = auto_attention(device, precision)
+    elif precision == "fp32" and "flash" in str(attn):
+        from ibridge.config import ConfigError
+
+        # Training on fp32 weights without autocast would hand flash fp32 inputs, which it refuses.
+        raise ConfigError(f"trainer.attn_implementation={attn} runs in fp16/bf16 only, but trainer.precision "
+                         "is fp32 here: use trainer.attn_implementation=sdpa (or auto)")
     threads = int(trainer_cfg.get("num_threads", 0) or 0)
     if threads > 0:
         torch.set_num_threads(threads)
     trust = bool((model_cfg or {}).get("trust_remote_code", False))
     lora = bool(((model_cfg or {}).get("lora") or {}).get("enabled", False))
     return Runtime(device=device, precision=precision, attn_implementation=attn, trust_remote_code=trust, lora=lora,
-                   dist=dist)
+                   dist=dist, tf32=bool(trainer_cfg.get("tf32", True)))
 
 
 def auto_attention(device: torch.device, precision: str) -> str:

@@ -248,14 +248,16 @@ def optimise(
             window_tokens += int(step_tokens)
             loss_value, norm_value = updater.update(step_loss, f"at step {step} (epoch {epoch + 1})")
             for key, value in (("train/loss", loss_value), ("train/grad_norm", norm_value)):
-                window[key][0] += value
-                window[key][1] += 1
+                if value is not None:  # None: a norm DeepSpeed's fp16 loss scaler skipped (ibridge/zero.py)
+                    window[key][0] += value
+                    window[key][1] += 1
             if step % settings.log_every == 0 or step == total:
                 now = time.perf_counter()
                 metrics = _window_means(window, dist_info)
                 metrics["train/lr"] = scheduler.get_last_lr()[0]
                 metrics["train/epoch"] = epoch + 1
                 metrics["train/tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
+                metrics.update(updater.counters() if hasattr(updater, "counters") else {})
                 progress.set_postfix(loss=f"{metrics['train/loss']:.4f}")
                 if log is not None:
                     log(metrics, step)
@@ -277,8 +279,12 @@ def optimise(
             if step < total and schedule.step_due(step):
                 save(step)
     progress.close()
+    if evaluate is not None and hasattr(evaluate, "close"):
+        evaluate.close()  # its models (the kl/token reference) go before the checksums' gathers
     model.eval()
     checksums = parameter_checksums(model, dist_info)
+    if hasattr(updater, "close"):
+        updater.close()  # DeepSpeed's engine: its memory goes with the model (ibridge/zero.py)
     return StageSummary(steps=total, runtime_s=time.perf_counter() - start, tokens=tokens, final_metrics=final,
                         resumed_from=done, rank_checksums=checksums)
 

@@ -3,12 +3,20 @@ or a bf16 runtime does differently, simulated as the GPU would run it."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from ibridge.data.formatting import encode_split
 from ibridge.distributed import shard
+from ibridge.evaluation.drift import token_kl
 from ibridge.objectives.logprobs import token_logps
 from ibridge.packing import PackedForward, takes_logits_mask
+from ibridge.runtime import Runtime
+from tests import simulated_flash
+from tests.conftest import compose_config
 from tests.one_rank import one_rank_group
 
 CPU = torch.device("cpu")
@@ -60,3 +68,171 @@ def test_the_logits_mask_check_reads_the_models_own_class_not_its_bases():
 
     assert takes_logits_mask(get_peft_model(LlamaForCausalLM(CONFIG), LoraConfig(r=2, target_modules=["q_proj"])))
     assert not takes_logits_mask(RemoteCodeModel(CONFIG))
+
+
+# --------------------------------------------------------------------------- flash attention, fp32 scoring
+
+
+@pytest.fixture(scope="module")
+def toy(model_cache):
+    """The smoke world's config, data source, base model folder and tokenizer."""
+    from ibridge.data import source_for
+    from ibridge.models import ensure_toy_base, load_tokenizer
+
+    cfg = compose_config(["debug=smoke", f"model.cache_dir={model_cache}", "eval.num_prompts=8",
+                          "eval.max_new_tokens=6", "eval.bootstrap_resamples=50"])
+    source = source_for(cfg.data)
+    base = ensure_toy_base(cfg.model, source.world_config, Runtime(device=CPU, precision="fp32"))
+    return SimpleNamespace(cfg=cfg, source=source, base=base, tokenizer=load_tokenizer(base))
+
+
+def perturbed(model, scale: float = 0.05):
+    """`model` moved away from its reference, as a trained policy is."""
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(1 + scale * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def bf16_runtime(attn: str) -> Runtime:
+    """A GPU's ``precision=bf16`` run, on the CPU: autocast to bf16 over fp32 weights."""
+    return Runtime(device=CPU, precision="bf16", attn_implementation=attn)
+
+
+def test_kl_token_runs_under_flash_attention_and_equals_the_sdpa_value(toy, monkeypatch):
+    """With flash-attention (simulated: transformers' dtype logic and flash-attn's dtype check),
+    an SFT stage's training forward runs under bf16 autocast, but `kl/token` compares fp32
+    forwards without autocast: today's code raised "FlashAttention only support fp16 and bf16
+    data type" there, after the last training step (issue 20, item 1). It must run with sdpa
+    for that pass, give what sdpa gives, and leave the policy on flash for training."""
+    from ibridge.models import load_model
+    from ibridge.stages import drift_evaluator
+
+    attn = simulated_flash.register(monkeypatch)
+    runtime = bf16_runtime(attn)
+    policy = perturbed(load_model(toy.base, runtime))
+    assert policy.config._attn_implementation == attn
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with runtime.autocast():
+        policy(input_ids=ids)  # a training forward: flash gets bf16 under autocast
+    assert simulated_flash.CALLS and set(simulated_flash.CALLS) == {torch.bfloat16}
+    ctx = SimpleNamespace(cfg=toy.cfg, source=toy.source, runtime=runtime)
+    evaluate = drift_evaluator(ctx, toy.tokenizer, toy.base)
+    value = evaluate(policy)["kl/token"]
+    assert policy.config._attn_implementation == attn  # switched back for training
+    heldout, _ = encode_split(toy.tokenizer, toy.source.examples("heldout_demonstrations"), "demonstrations",
+                              int(toy.cfg.model.max_length))
+    sdpa = Runtime(device=CPU, precision="fp32", attn_implementation="sdpa")
+    policy.set_attn_implementation("sdpa")
+    expected = token_kl(policy, load_model(toy.base, sdpa, for_inference=True), heldout, sdpa,
+                        toy.tokenizer.pad_token_id)
+    assert expected > 1e-4
+    assert value == pytest.approx(expected, rel=1e-6)
+
+
+def kv_cache_dtypes(model) -> set:
+    """Record (keys, values) dtypes of every KV cache `model` builds while generating."""
+    seen: set = set()
+
+    def hook(module, args, out):
+        cache = getattr(out, "past_key_values", None)
+        for layer in getattr(cache, "layers", None) or []:
+            if getattr(layer, "keys", None) is not None:
+                seen.add((layer.keys.dtype, layer.values.dtype))
+
+    model.register_forward_hook(hook)
+    return seen
+
+
+def test_evaluation_generates_on_bf16_weights_and_scores_in_fp32_under_flash(toy, tmp_path, monkeypatch):
+    """The evaluation under flash attention (simulated) at ``precision=bf16``: generation on bf16
+    weights, so the KV cache is bf16 throughout (fp32 weights under autocast gave fp32 keys
+    beside bf16 values, 1.5x the cache, issue 20 item 5), and the fp32 scoring passes
+    (`kl_to_ref`, `implicit_reward_acc`) on fp32 weights with sdpa, which today raised (item 1).
+    The metrics equal those of the same evaluation with sdpa throughout."""
+    import ibridge.evaluation.evaluate as evaluate_module
+    from ibridge.models import load_model, save_checkpoint
+
+    attn = simulated_flash.register(monkeypatch)
+    save_checkpoint(perturbed(load_model(toy.base, Runtime(device=CPU, precision="fp32"))), toy.tokenizer,
+                    tmp_path / "policy")
+    caches: list[set] = []
+    original_load = evaluate_module.load_model
+
+    def spying_load(*args, **kwargs):
+        model = original_load(*args, **kwargs)
+        caches.append(kv_cache_dtypes(model))
+        return model
+
+    monkeypatch.setattr(evaluate_module, "load_model", spying_load)
+    sdpa = evaluate_module.evaluate_checkpoint(toy.cfg, toy.source, tmp_path / "policy", toy.base,
+                                               bf16_runtime("sdpa"), tmp_path / "sdpa", "policy")
+    assert [seen for seen in caches if seen] == [{(torch.bfloat16, torch.bfloat16)}], caches
+    flash = evaluate_module.evaluate_checkpoint(toy.cfg, toy.source, tmp_path / "policy", toy.base, bf16_runtime(attn),
+                                                tmp_path / "flash", "policy")
+    generated = [seen for seen in caches if seen]  # the models that generated (scoring builds no cache)
+    assert len(generated) == 2 and all(seen == {(torch.bfloat16, torch.bfloat16)} for seen in generated), caches
+    assert {"kl_to_ref", "implicit_reward_acc", "win_rate"} <= flash.keys()
+    for key, value in sdpa.items():
+        assert flash[key] == (pytest.approx(value, rel=1e-6) if isinstance(value, float) else value), key
+
+
+def test_scoring_models_load_with_an_attention_that_runs_in_their_dtype(toy, monkeypatch):
+    from ibridge.scoring import load_scoring_model
+
+    attn = simulated_flash.register(monkeypatch)
+    runtime = bf16_runtime(attn)
+    fp32 = load_scoring_model(toy.base, runtime)
+    assert fp32.config._attn_implementation == "sdpa" and fp32.dtype == torch.float32
+    bf16 = load_scoring_model(toy.base, runtime, dtype=torch.bfloat16)
+    assert bf16.config._attn_implementation == attn  # flash runs bf16 weights as they are
+    ids = torch.tensor([[1, 5, 6, 7]])
+    assert fp32(input_ids=ids).logits.dtype == torch.float32
+    bf16(input_ids=ids)
+
+
+# --------------------------------------------------------------------------- generation batches
+
+
+def test_generation_batches_hold_at_most_the_token_budget():
+    from ibridge.evaluation.generate import generation_batches
+
+    lengths = [3, 50, 7, 200, 9, 11, 120, 4, 60, 5]
+    batches = generation_batches(lengths, max_new_tokens=20, batch_size=4, max_tokens=300)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) <= 4
+        assert len(batch) == 1 or len(batch) * (max(lengths[i] for i in batch) + 20) <= 300, batch
+    assert [200] in [[lengths[i] for i in batch] for batch in batches]  # longer than the budget: alone
+    # Where the budget does not bind, the batches are the batch_size blocks of the length order.
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    assert generation_batches(lengths, 20, 4, 10**9) == [order[0:4], order[4:8], order[8:]]
+
+
+def test_generate_keeps_every_batch_within_the_token_budget_and_its_outputs(toy):
+    """A rank that draws the longest prompts must not hold more KV cache than the budget
+    (issue 20, item 5: 128 rows whatever their length ran out of memory at ``eval/base``); the
+    greedy outputs are those of unbounded batches."""
+    from ibridge.evaluation.generate import generate
+    from ibridge.models import load_model
+
+    runtime = Runtime(device=CPU, precision="fp32")
+    model = load_model(toy.base, runtime, for_inference=True)
+    prompts = [example["prompt"] for example in toy.source.examples("eval")[:24]]
+    shapes = []
+    original = model.generate
+
+    def spy(*args, **kwargs):
+        shapes.append(tuple(kwargs["input_ids"].shape))
+        return original(*args, **kwargs)
+
+    model.generate = spy
+    free = generate(model, toy.tokenizer, prompts, runtime, 6, 64, desc=None)
+    assert len(shapes) == 1
+    widest = shapes[0][1]
+    shapes.clear()
+    budget = 4 * (widest + 6)
+    bounded = generate(model, toy.tokenizer, prompts, runtime, 6, 64, desc=None, max_batch_tokens=budget)
+    assert len(shapes) > 1 and all(rows * (width + 6) <= budget for rows, width in shapes), shapes
+    assert [out["response_ids"] for out in bounded] == [out["response_ids"] for out in free]
