@@ -32,6 +32,9 @@ import torch
 import torch.distributed as dist
 
 DATA_PARALLEL_MODES = ("ddp", "fsdp", "deepspeed")
+# The first torch release whose public torch.distributed.fsdp exports FSDP2's fully_shard and
+# MixedPrecisionPolicy (before: torch.distributed._composable.fsdp). pyproject.toml's floor.
+FSDP2_MIN_TORCH = "2.6"
 # NCCL's own default is 10 minutes; a collective that waits longer than this on a slow
 # rank (a reference pass, a checkpoint write) aborts the job. trainer.dist_timeout_min.
 DEFAULT_TIMEOUT_MIN = 60

@@ -186,3 +186,19 @@ def test_resource_settings_are_checked_before_any_model_loads(override, key):
     overrides = [override] + (["trainer.precision=fp32"] if "attn" in override else [])
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(compose_config(overrides))
+
+
+def test_the_torch_floor_is_a_release_with_the_fsdp2_api_ibridge_imports():
+    """``from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy`` needs torch 2.6;
+    pyproject.toml allowed 2.4, where trainer=fsdp failed at its import (issue 20, item 3)."""
+    import re
+
+    from packaging.version import Version
+
+    from ibridge.distributed import FSDP2_MIN_TORCH
+    from tests.conftest import REPO
+
+    floors = re.findall(r'"torch>=([0-9.]+)"', (REPO / "pyproject.toml").read_text())
+    assert len(floors) == 1
+    assert Version(floors[0]) >= Version(FSDP2_MIN_TORCH) == Version("2.6")
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: F401  (the import shard() makes)
