@@ -107,11 +107,11 @@ def _set_attention(model, attn_implementation: str) -> None:
 
 
 @contextlib.contextmanager
-def fp32_matmuls(runtime: Runtime, tf32: bool = True):
-    """float32 matmuls in TF32 inside the block on a GPU with `tf32` (``trainer.tf32``);
+def fp32_matmuls(runtime: Runtime):
+    """float32 matmuls in TF32 inside the block on a GPU when ``runtime.tf32`` (``trainer.tf32``);
     nothing changes on a CPU. The previous setting is restored afterwards, so training and the
     reference pass (whose cache key records it) never see it."""
-    if runtime.device.type != "cuda" or not tf32:
+    if runtime.device.type != "cuda" or not runtime.tf32:
         yield
         return
     previous = torch.get_float32_matmul_precision()

@@ -236,3 +236,48 @@ def test_generate_keeps_every_batch_within_the_token_budget_and_its_outputs(toy)
     bounded = generate(model, toy.tokenizer, prompts, runtime, 6, 64, desc=None, max_batch_tokens=budget)
     assert len(shapes) > 1 and all(rows * (width + 6) <= budget for rows, width in shapes), shapes
     assert [out["response_ids"] for out in bounded] == [out["response_ids"] for out in free]
+
+
+# --------------------------------------------------------------------------- TF32 in fp32 scoring
+
+
+def test_fp32_scoring_runs_tf32_matmuls_on_gpus_only_and_restores_the_setting():
+    """TF32 inside fp32 scoring passes on a GPU (``trainer.tf32``, default true; issue 20,
+    item 14), never left on for training or the reference pass (whose cache key records the
+    setting). The setting is a process-wide flag, so it is checked here without a GPU."""
+    from ibridge.scoring import fp32_matmuls
+
+    before = torch.get_float32_matmul_precision()
+    gpu = torch.device("cuda")  # a device object only: nothing is allocated
+    with fp32_matmuls(Runtime(device=gpu, precision="bf16")):
+        assert torch.get_float32_matmul_precision() == "high"  # TF32
+    assert torch.get_float32_matmul_precision() == before
+    with fp32_matmuls(Runtime(device=gpu, precision="bf16", tf32=False)):
+        assert torch.get_float32_matmul_precision() == before
+    with fp32_matmuls(Runtime(device=CPU, precision="fp32")):
+        assert torch.get_float32_matmul_precision() == before
+
+
+def test_every_fp32_scoring_pass_asks_for_tf32(toy, monkeypatch):
+    """`kl/token` and the evaluation's `sequence_logps` run inside `fp32_matmuls` with the run's
+    ``trainer.tf32`` (as does ``ibridge qlogit``'s analysis, in ibridge/jobs/qlogit.py)."""
+    import contextlib
+
+    import ibridge.evaluation.drift as drift
+    from ibridge.models import load_model
+
+    entered = []
+
+    @contextlib.contextmanager
+    def recording(runtime):
+        entered.append(runtime.tf32)
+        yield
+
+    monkeypatch.setattr(drift, "fp32_matmuls", recording)
+    runtime = Runtime(device=CPU, precision="fp32", tf32=False)
+    model = load_model(toy.base, runtime, for_inference=True)
+    heldout, _ = encode_split(toy.tokenizer, toy.source.examples("heldout_demonstrations")[:4], "demonstrations",
+                              int(toy.cfg.model.max_length))
+    drift.token_kl(model, model, heldout, runtime, toy.tokenizer.pad_token_id)
+    drift.sequence_logps(model, heldout, runtime, toy.tokenizer.pad_token_id)
+    assert entered == [False, False]

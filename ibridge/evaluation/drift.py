@@ -139,7 +139,7 @@ def token_kl(policy, reference, sequences: list[dict], runtime: Runtime, pad_id:
     reference.eval()
     sharded = shard is not None and shard.sharded  # the policy's head is sharded or engine-managed
     batches = token_budget_batches([len(seq["input_ids"]) for seq in sequences], max_tokens)
-    with fp32_matmuls(runtime, runtime.tf32):
+    with fp32_matmuls(runtime):
         for chunk, counted in _my_batches(batches, shard):
             batch = pad_sequences([sequences[i] for i in chunk], pad_id)
             batch = {key: value.to(runtime.device) for key, value in batch.items()}
@@ -214,7 +214,7 @@ def sequence_logps(model, sequences, runtime, pad_id, shard: DistInfo | None = N
     """log pi(y|x) of each sequence, float32 forward passes (no autocast) whatever `runtime` says
     (`model` has float32 weights: `ibridge.scoring.load_scoring_model`; TF32 matmuls on GPUs with
     ``trainer.tf32``); with `shard`, each rank its share of the batches, every rank gets all values."""
-    with fp32_matmuls(runtime, runtime.tf32):
+    with fp32_matmuls(runtime):
         values = sequence_token_logps(model, sequences, fp32(runtime), pad_id, shard=shard)
     return np.array([float(v.sum()) for v in values])
 

@@ -121,7 +121,7 @@ def run(ctx) -> None:
     reference = load_scoring_model(reference_path, ctx.runtime)
 
     sequences = [pair[kind] for kind in KINDS for pair in pairs]  # all chosen, then all rejected
-    with fp32_matmuls(ctx.runtime, ctx.runtime.tf32):
+    with fp32_matmuls(ctx.runtime):
         values, err_token, err_sequence = analyse(
             policy, reference, [s["encoded"] for s in sequences], opts["beta"], ctx.runtime.device,
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, opts["batch_size"],
