@@ -281,3 +281,26 @@ def test_every_fp32_scoring_pass_asks_for_tf32(toy, monkeypatch):
     drift.token_kl(model, model, heldout, runtime, toy.tokenizer.pad_token_id)
     drift.sequence_logps(model, heldout, runtime, toy.tokenizer.pad_token_id)
     assert entered == [False, False]
+
+
+# --------------------------------------------------------------------------- kl/token precision
+
+
+def test_kl_token_compares_the_policy_with_a_reference_in_the_same_precision(toy):
+    """Where training's forward runs on bf16 weights (DeepSpeed's and FSDP's bf16, LoRA's bf16
+    base), `kl/token` compared that bf16 policy with an fp32 reference: at step 0, policy ==
+    reference, it read the two numerics' difference instead of 0 (issue 20, item 11). The
+    reference now loads in the policy's dtype, and the stage record names it."""
+    from ibridge.distributed import DistInfo
+    from ibridge.models import load_model
+    from ibridge.stages import drift_evaluator
+
+    runtime = Runtime(device=CPU, precision="bf16", dist=DistInfo(mode="deepspeed", zero_stage=2))
+    policy = load_model(toy.base, runtime, dtype=torch.bfloat16)  # DeepSpeed bf16 casts the module so
+    evaluate = drift_evaluator(SimpleNamespace(cfg=toy.cfg, source=toy.source, runtime=runtime), toy.tokenizer,
+                               toy.base)
+    assert evaluate(policy)["kl/token"] == 0.0  # the untrained policy is its reference
+    assert evaluate.precision == "bf16"
+    fp32 = Runtime(device=CPU, precision="bf16")  # autocast over fp32 weights: both sides fp32
+    assert drift_evaluator(SimpleNamespace(cfg=toy.cfg, source=toy.source, runtime=fp32), toy.tokenizer,
+                           toy.base).precision == "fp32"

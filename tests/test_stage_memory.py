@@ -83,7 +83,7 @@ def test_train_stage_frees_a_model_with_reference_cycles_before_returning(tmp_pa
     with garbage_collector_off():
         record = stages.train_stage(ctx, stage="sft", objective_cfg=cfg.objective, lr=float(cfg.lr),
                                     opt_cfg=cfg.sft, init_path=base, out_dir=tmp_path / "sft")
-        assert record["steps"] == 2 and "kl_token" in record
+        assert record["steps"] == 2 and "kl_token" in record and record["kl_token_precision"] == "fp32"
         assert trained and trained[0]() is None, "the trained model outlived its stage"
     assert references[1] is None and references[0]() is None  # dropped at close, before the checksums
 
