@@ -304,3 +304,28 @@ def test_kl_token_compares_the_policy_with_a_reference_in_the_same_precision(toy
     fp32 = Runtime(device=CPU, precision="bf16")  # autocast over fp32 weights: both sides fp32
     assert drift_evaluator(SimpleNamespace(cfg=toy.cfg, source=toy.source, runtime=fp32), toy.tokenizer,
                            toy.base).precision == "fp32"
+
+
+@pytest.mark.slow  # a whole pipeline under bf16 autocast on the CPU (about a minute)
+def test_a_pipeline_under_flash_attention_at_bf16_completes(tmp_path, model_cache):
+    """Issue 20, item 1, end to end: base evaluation, SFT with `kl/token`, DPO, evaluations,
+    with a flash-attention kernel (simulated) at ``precision=bf16``. Today's code trained SFT to
+    its last step and then raised in `kl/token` (and a resume raised again)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {**os.environ, "IBRIDGE_CACHE": str(model_cache), "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "simulated_flash_cli.py"), "debug=smoke",
+                           "trainer.precision=bf16", f"trainer.attn_implementation={simulated_flash.NAME}",
+                           "trainer.num_threads=1", "logger=none", "sft.max_steps=4", "dpo.max_steps=4",
+                           "eval.num_prompts=8", "hydra.run.dir=run"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "completed" and results["precision"] == "bf16"
+    assert results["stages"]["sft"]["kl_token_precision"] == "fp32" and results["stages"]["sft"]["kl_token"] > 0
+    assert {"kl_to_ref", "implicit_reward_acc"} <= results["eval"].keys()
