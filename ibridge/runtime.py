@@ -50,6 +50,13 @@ def resolve_runtime(trainer_cfg, model_cfg=None) -> Runtime:
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"trainer.precision={precision!r}: expected auto, fp32, bf16 or fp16")
+    if precision == "fp16" and dist.mode != "deepspeed":
+        from ibridge.config import ConfigError
+
+        # trainer=deepspeed launched as one process runs ibridge's own loop (DistInfo() above), which
+        # has no loss scaler: fp16 gradients would underflow silently.
+        raise ConfigError("trainer.precision=fp16 needs DeepSpeed's loss scaler, which runs only under torchrun "
+                          "with 2 or more processes; in one process use trainer.precision=bf16 (or fp32)")
     attn = trainer_cfg.get("attn_implementation", "auto")
     if attn == "auto":
         attn = auto_attention(device, precision)

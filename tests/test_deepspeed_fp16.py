@@ -57,3 +57,17 @@ def test_a_non_finite_norm_of_an_applied_step_still_stops_the_stage(monkeypatch)
     with pytest.raises(NonFiniteLoss, match="gradient norm is nan at step 2"):
         optimise(tiny_model(), examples("sft"), collate, compute,
                  OptimSettings(lr=1e-2, max_steps=4, batch_size=2, pack_sequences=False), DEEPSPEED, count_units=count)
+
+
+def test_fp16_in_one_process_is_refused_where_no_loss_scaler_would_run():
+    """``trainer=deepspeed`` launched as one process runs ibridge's own loop (no engine, hence
+    no loss scaler): fp16 there would train on underflowing gradients without a word."""
+    from omegaconf import OmegaConf
+
+    from ibridge.config import ConfigError
+    from ibridge.runtime import resolve_runtime
+
+    cfg = OmegaConf.create({"device": "cpu", "precision": "fp16", "attn_implementation": "eager",
+                            "distributed": "deepspeed", "deepspeed": {"zero_stage": 2}})
+    with pytest.raises(ConfigError, match="trainer.precision=fp16 needs DeepSpeed's loss scaler"):
+        resolve_runtime(cfg)
