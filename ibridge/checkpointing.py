@@ -10,9 +10,11 @@ state or the new one, never half of one.
 
 Under FSDP (``sharded=True``) the model and optimiser state are gathered to full
 tensors keyed by parameter name (torch.distributed.checkpoint's full state dict)
-and written by rank 0 in the same files; on resume every rank reads them and keeps
-its own shard. The format is the same whatever the number of ranks, so a state saved
-by 8 ranks resumes on 4.
+and written by rank 0 in the same files; on resume rank 0 alone reads them and
+broadcasts them a tensor at a time, each rank keeping its own shard
+(``StateDictOptions(broadcast_from_rank0=True)``): the full state (12 bytes a parameter,
+96 GB at 8B) sits in rank 0's host memory only, not in every rank's. The format is the
+same whatever the number of ranks, so a state saved by 8 ranks resumes on 4.
 
 Under torchrun every rank calls :func:`save_state` and returns only once rank 0 has
 published the state: the others wait in one barrier right after the write, bounded by
@@ -105,12 +107,8 @@ def _param_key(index: str) -> int | str:
     return int(index) if index.isdigit() else index  # an index, or a parameter name under FSDP
 
 
-def load_state(state_dir: Path, model, optimizer, scheduler, *, sharded: bool = False) -> dict:
-    """Restore a state saved by `save_state` into live objects; returns its JSON payload."""
-    from safetensors.torch import load_model
-
-    state_dir = Path(state_dir)
-    payload = json.loads((state_dir / STATE_FILE).read_text())
+def _read_optimizer_state(state_dir: Path, payload: dict) -> dict:
+    """The optimiser state dict of a state folder (its tensors and its JSON scalars)."""
     tensors = load_file(str(state_dir / "optimizer.safetensors"))
     per_param: dict[int | str, dict] = {}
     for name, value in tensors.items():
@@ -118,15 +116,37 @@ def load_state(state_dir: Path, model, optimizer, scheduler, *, sharded: bool = 
         per_param.setdefault(_param_key(index), {})[key] = value
     for index, values in payload["optimizer"]["scalars"].items():
         per_param.setdefault(_param_key(index), {}).update(values)
-    optimizer_state = {"state": per_param, "param_groups": payload["optimizer"]["param_groups"]}
-    if sharded:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    return {"state": per_param, "param_groups": payload["optimizer"]["param_groups"]}
 
-        set_state_dict(model, optimizer, model_state_dict=load_file(str(state_dir / "model.safetensors")),
-                       optim_state_dict=optimizer_state, options=StateDictOptions(full_state_dict=True))
+
+def load_state(state_dir: Path, model, optimizer, scheduler, *, sharded: bool = False) -> dict:
+    """Restore a state saved by `save_state` into live objects; returns its JSON payload.
+
+    Under FSDP (`sharded`) every rank must call it: rank 0 reads the files and broadcasts
+    each tensor (and the optimiser's hyper-parameters), the others read only the JSON."""
+    from safetensors.torch import load_model
+
+    state_dir = Path(state_dir)
+    payload = json.loads((state_dir / STATE_FILE).read_text())
+    if sharded:
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        reader = dist.get_rank() == 0
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        # One call each: set_state_dict would take the others' empty model dict for "optimiser
+        # only" and skip the model's broadcast that rank 0 enters.
+        set_model_state_dict(model, load_file(str(state_dir / "model.safetensors")) if reader else {},
+                             options=options)
+        set_optimizer_state_dict(model, optimizer, _read_optimizer_state(state_dir, payload) if reader else {},
+                                 options=options)
     else:
         load_model(model, str(state_dir / "model.safetensors"), device=str(next(model.parameters()).device))
-        optimizer.load_state_dict(optimizer_state)
+        optimizer.load_state_dict(_read_optimizer_state(state_dir, payload))
     scheduler.load_state_dict(payload["scheduler"])
     return payload
 

@@ -109,6 +109,9 @@ def validate(cfg: DictConfig) -> None:
     _positive_int(cfg, "eval.max_new_tokens")
     _positive_int(cfg, "eval.batch_size")
     _positive_int(cfg, "model.max_length")
+    from ibridge.resource_config import validate_resources
+
+    validate_resources(cfg)  # gradient checkpointing, save cadence, generation budget, TF32 (issue 20)
     from ibridge.distributed import DATA_PARALLEL_MODES
 
     mode = OmegaConf.select(cfg, "trainer.distributed", default="none")

@@ -32,6 +32,9 @@ import torch
 import torch.distributed as dist
 
 DATA_PARALLEL_MODES = ("ddp", "fsdp", "deepspeed")
+# The first torch release whose public torch.distributed.fsdp exports FSDP2's fully_shard and
+# MixedPrecisionPolicy (before: torch.distributed._composable.fsdp). pyproject.toml's floor.
+FSDP2_MIN_TORCH = "2.6"
 # NCCL's own default is 10 minutes; a collective that waits longer than this on a slow
 # rank (a reference pass, a checkpoint write) aborts the job. trainer.dist_timeout_min.
 DEFAULT_TIMEOUT_MIN = 60
@@ -267,11 +270,31 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         model, torch.nn.parallel.DistributedDataParallel) else model
 
 
+# Elements of a parameter summed at once in `parameter_checksums`: a float64 copy of 2**24 values
+# (128 MiB), never of a whole parameter (the 8B embedding is 525M values: 4.2 GB in float64).
+CHECKSUM_ELEMENTS = 2**24
+
+
 def parameter_checksums(model: torch.nn.Module, info: DistInfo) -> list[float]:
-    """Each rank's sum of |parameters| (float64), gathered: equal when the ranks agree."""
-    # Under FSDP / ZeRO-3 each parameter is gathered whole first (a collective: every rank sums the same).
-    with gathered(unwrap(model), info):
-        total = sum(float(full_tensor(p.detach()).double().abs().sum()) for p in unwrap(model).parameters())
+    """Each rank's sum of |parameters| (float64), gathered: equal when the ranks agree.
+
+    One module's own parameters at a time (a parameter shared by two modules, a tied head,
+    counted once), as `full_model_state` gathers them: under ZeRO-3 never the whole model
+    gathered at once, under FSDP one parameter; each summed in float64 chunks of
+    `CHECKSUM_ELEMENTS`. Every rank must call it under FSDP / ZeRO-3 (the gathers are collective).
+    """
+    base = unwrap(model)
+    seen: set[int] = set()
+    total = 0.0
+    for module in base.modules():
+        own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+        if not own:
+            continue
+        seen.update(id(p) for p in own)
+        with gathered(base, info, own):
+            for param in own:
+                flat = full_tensor(param.detach()).reshape(-1)
+                total += sum(float(chunk.double().abs().sum()) for chunk in flat.split(CHECKSUM_ELEMENTS))
     if not info.enabled:
         return [total]
     # On the collective device: NCCL has no CPU tensors.

@@ -86,6 +86,7 @@ def load_model(
     on_device: bool = True,
     for_inference: bool = False,
     dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
 ):
     """A causal LM from a Hugging Face folder or hub name on `runtime.device` (on the CPU with
     ``on_device=False``: FSDP moves each rank's shard itself).
@@ -94,6 +95,8 @@ def load_model(
     they load directly in :func:`inference_dtype` (no fp32 copy is ever materialised), and the
     model comes in eval mode without gradients. `dtype`, when given, overrides both (a LoRA
     stage's frozen base in bf16, a reference pass in the numerics training runs with).
+    `attn_implementation`, when given, overrides the run's (an fp32 scoring pass under a
+    flash-attention run: `ibridge.scoring.load_scoring_model`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -108,7 +111,7 @@ def load_model(
         dtype=dtype or (inference_dtype(runtime) if for_inference else torch.float32),
         use_safetensors=True,
         trust_remote_code=trust_remote_code,
-        attn_implementation=runtime.attn_implementation,
+        attn_implementation=attn_implementation or runtime.attn_implementation,
     )
     if for_inference:
         model.eval().requires_grad_(False)

@@ -93,11 +93,19 @@ def packing_supported(model: torch.nn.Module, runtime: Runtime | None = None) ->
 def takes_logits_mask(model: torch.nn.Module) -> bool:
     """Whether the model's forward takes ``logits_to_keep`` as a boolean (batch, seq) mask: its
     modeling code slices with transformers' ``slice_logits_to_keep`` (transformers 5), which
-    flattens the kept positions to (S, H) before the head."""
+    flattens the kept positions to (S, H) before the head.
+
+    The modeling class is the first class of the MRO that torch did not define: FSDP2's
+    ``fully_shard`` swaps the model's class for a subclass defined in torch
+    (``FSDPLlamaForCausalLM``, then ``FSDPModule``, then ``LlamaForCausalLM``), whose own module
+    has no such function; reading only ``type(model)``, a sharded model computed logits at every
+    position. (Not any class of the MRO: transformers' ``PreTrainedModel`` lives beside the
+    function in every version that has it, modeling code that uses it or not.)"""
     base = getattr(model, "module", model)  # DDP, DeepSpeed
     if hasattr(base, "get_base_model"):  # peft
         base = base.get_base_model()
-    return getattr(sys.modules.get(type(base).__module__), "slice_logits_to_keep", None) is not None
+    modeling = next((cls for cls in type(base).__mro__ if not cls.__module__.startswith("torch.")), type(base))
+    return getattr(sys.modules.get(modeling.__module__), "slice_logits_to_keep", None) is not None
 
 
 def pack_plan(attention_mask: torch.Tensor, factor: float = PACK_FACTOR, layout: str = "rows"):

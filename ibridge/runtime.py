@@ -19,6 +19,7 @@ class Runtime:
     trust_remote_code: bool = False  # off unless model.trust_remote_code=true
     lora: bool = False  # model.lora.enabled: stages train adapters over a frozen base
     dist: DistInfo = DistInfo()
+    tf32: bool = True  # trainer.tf32: TF32 matmuls in fp32 scoring passes on GPUs (ibridge/scoring.py)
 
     def autocast(self):
         """Mixed precision on accelerators; a no-op in fp32.
@@ -49,16 +50,29 @@ def resolve_runtime(trainer_cfg, model_cfg=None) -> Runtime:
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"trainer.precision={precision!r}: expected auto, fp32, bf16 or fp16")
+    if precision == "fp16" and dist.mode != "deepspeed":
+        from ibridge.config import ConfigError
+
+        # trainer=deepspeed launched as one process runs ibridge's own loop (DistInfo() above), which
+        # has no loss scaler: fp16 gradients would underflow silently.
+        raise ConfigError("trainer.precision=fp16 needs DeepSpeed's loss scaler, which runs only under torchrun "
+                          "with 2 or more processes; in one process use trainer.precision=bf16 (or fp32)")
     attn = trainer_cfg.get("attn_implementation", "auto")
     if attn == "auto":
         attn = auto_attention(device, precision)
+    elif precision == "fp32" and "flash" in str(attn):
+        from ibridge.config import ConfigError
+
+        # Training on fp32 weights without autocast would hand flash fp32 inputs, which it refuses.
+        raise ConfigError(f"trainer.attn_implementation={attn} runs in fp16/bf16 only, but trainer.precision "
+                         "is fp32 here: use trainer.attn_implementation=sdpa (or auto)")
     threads = int(trainer_cfg.get("num_threads", 0) or 0)
     if threads > 0:
         torch.set_num_threads(threads)
     trust = bool((model_cfg or {}).get("trust_remote_code", False))
     lora = bool(((model_cfg or {}).get("lora") or {}).get("enabled", False))
     return Runtime(device=device, precision=precision, attn_implementation=attn, trust_remote_code=trust, lora=lora,
-                   dist=dist)
+                   dist=dist, tf32=bool(trainer_cfg.get("tf32", True)))
 
 
 def auto_attention(device: torch.device, precision: str) -> str:

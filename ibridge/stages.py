@@ -16,8 +16,9 @@ import torch
 
 from ibridge.data.collate import collate_demonstrations, collate_pairs
 from ibridge.data.formatting import IGNORE_INDEX, encode_split
+from ibridge.device_memory import release_memory
 from ibridge.distributed import barrier, full_model_state
-from ibridge.evaluation.drift import token_kl
+from ibridge.evaluation.drift import HeldoutKL
 from ibridge.io import write_json_atomic
 from ibridge.lora import lora_enabled, merged, wrap_with_lora
 from ibridge.models import (
@@ -32,6 +33,7 @@ from ibridge.objectives import build_objective
 from ibridge.objectives.logprobs import sequence_logps, token_logps
 from ibridge.packing import PackedForward, packing_supported, scored_logps
 from ibridge.refcache import cached_reference_logps
+from ibridge.resource_config import gradient_checkpointing
 from ibridge.training import OptimSettings, optimise
 
 log = logging.getLogger(__name__)
@@ -122,25 +124,14 @@ def attach_reference(encoded: list[dict], kind: str, reference_path: Path, ctx, 
 
 
 def drift_evaluator(ctx, tokenizer, reference_path: Path):
-    """`kl/token` on held-out demonstrations: exact KL(pi || pi_ref) per prefix (docs/design.md §1).
-
-    The reference model is loaded on first use and kept for the stage's later evaluations
-    (whole, fp32, on every rank). Every rank calls `evaluate`: each scores its share of the
-    held-out batches and the sums are all-reduced (``token_kl`` with ``shard``).
-    """
+    """`kl/token` on held-out demonstrations (`ibridge.evaluation.drift.HeldoutKL`): exact
+    KL(pi || pi_ref) per prefix (docs/design.md §1), both models in the precision of the
+    policy's forward; None when the data holds no held-out demonstrations."""
     heldout_examples = ctx.source.examples("heldout_demonstrations")
     if not heldout_examples:
         return None
     heldout, _ = encode_split(tokenizer, heldout_examples, "demonstrations", int(ctx.cfg.model.max_length))
-    reference = []
-
-    def evaluate(model) -> dict:
-        if not reference:
-            reference.append(load_model(reference_path, ctx.runtime))
-        return {"kl/token": token_kl(model, reference[0], heldout, ctx.runtime, tokenizer.pad_token_id,
-                                     shard=ctx.runtime.dist)}
-
-    return evaluate
+    return HeldoutKL(heldout, reference_path, ctx.runtime, tokenizer.pad_token_id)
 
 
 def load_trainable(init_path: Path, ctx):
@@ -154,7 +145,7 @@ def load_trainable(init_path: Path, ctx):
     lora = lora_enabled(cfg.model)
     frozen_dtype = torch.bfloat16 if lora and trains_on_bf16_weights(runtime) else None
     model = load_model(init_path, runtime, on_device=not runtime.dist.sharded, dtype=frozen_dtype)
-    if bool(cfg.trainer.get("gradient_checkpointing", False)):
+    if gradient_checkpointing(cfg):  # trainer.gradient_checkpointing, or the model config's default
         model.config.use_cache = False
         # transformers >= 5.x names it activation checkpointing; older releases gradient checkpointing.
         if hasattr(model, "activation_checkpointing_enable"):
@@ -200,6 +191,7 @@ def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path
         max_grad_norm=float(opt_cfg.max_grad_norm),
         log_every=int(opt_cfg.log_every),
         save_every=int(opt_cfg.get("save_every", 0)),
+        save_every_min=float(opt_cfg.get("save_every_min", 0)),
         eval_every=int(opt_cfg.eval_every),
         warmup_ratio=float(cfg.schedule.warmup_ratio),
         schedule=str(cfg.schedule.name),
@@ -237,6 +229,7 @@ def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path
     }
     if "kl/token" in summary.final_metrics:
         record["kl_token"] = summary.final_metrics["kl/token"]
+        record["kl_token_precision"] = evaluate.precision  # both models' forward (issue 20, item 11)
     if ctx.runtime.dist.enabled:
         record["world_size"] = ctx.runtime.dist.world_size
         record["distributed"] = ctx.runtime.dist.mode
@@ -252,7 +245,8 @@ def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path
     barrier(ctx.runtime.dist)
     ctx.logger.summary({f"stage/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
     ctx.logger.finish()
-    del model
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    # The evaluation (or the next stage) loads the next model: give this one's memory back first.
+    # An FSDP2-sharded model holds reference cycles, which `del` alone never frees.
+    del model, weights
+    release_memory()
     return record

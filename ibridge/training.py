@@ -33,6 +33,7 @@ from ibridge.checkpointing import has_state, load_state, save_state
 from ibridge.distributed import all_reduce_sum, parameter_checksums, wrap
 from ibridge.packing import training_forward
 from ibridge.runtime import Runtime
+from ibridge.save_schedule import SaveSchedule, restore_window, window_totals
 from ibridge.updates import NonFiniteLoss, TorchUpdate
 
 __all__ = ["NonFiniteLoss", "OptimSettings", "StageSummary", "StopRequested", "optimise"]
@@ -51,6 +52,7 @@ class OptimSettings:
     max_grad_norm: float = 1.0
     log_every: int = 10
     save_every: int = 0  # 0: no mid-stage state (the stage restarts from its beginning)
+    save_every_min: float = 0.0  # > 0: also a state once this many minutes passed since the last (ibridge/save_schedule.py)
     eval_every: int = 0  # 0: evaluate only after the last step
     warmup_ratio: float = 0.1
     schedule: str = "cosine"
@@ -137,11 +139,12 @@ def optimise(
     at that step.
 
     With `state_dir`, the full training state is saved every `settings.save_every`
-    steps (and on SIGTERM), and a state found there is resumed: model, optimiser,
-    scheduler and the data order are restored, and `rewind(bookmark)` drops metrics
-    logged after the saved step, so a resumed stage ends exactly as an uninterrupted
-    one. The data order needs no saved RNG: it is a pure function of the seed and the
-    number of steps taken.
+    steps, every `settings.save_every_min` minutes, and at once on SIGTERM (after the step
+    in progress; ibridge/save_schedule.py), and a state found there is resumed: model,
+    optimiser, scheduler, the data order and the metrics averaged since the last log are
+    restored, and `rewind(bookmark)` drops metrics logged after the saved step, so a resumed
+    stage ends exactly as an uninterrupted one. The data order needs no saved RNG: it is a
+    pure function of the seed and the number of steps taken.
 
     Logged metrics are over all ranks: the loss is the step's global mean, token counts
     are sums, the objectives' metrics are means over every rank's micro-batches.
@@ -183,10 +186,7 @@ def optimise(
             next(stream)
         if rewind is not None and "bookmark" in payload:
             rewind(payload["bookmark"])
-    save_every = settings.save_every
-    if save_every > 0 and save_every % settings.log_every:
-        # Save only where the metrics window is empty, so nothing half-averaged is lost.
-        save_every = (save_every // settings.log_every + 1) * settings.log_every
+    schedule = SaveSchedule(settings.save_every, settings.save_every_min, last_saved=done)
 
     if dist_info.mode == "deepspeed":
         from ibridge.zero import ZeroUpdate
@@ -199,13 +199,16 @@ def optimise(
     def save(step: int) -> None:
         # Every rank calls (under FSDP each takes part in gathering the state); rank 0 alone
         # writes it, and the others wait for it in save_state's barrier.
-        if state_dir is not None:
-            extra = {"bookmark": bookmark() if bookmark and dist_info.is_main else {}, "tokens": tokens}
+        if state_dir is not None and step > schedule.last_saved:
+            extra = {"bookmark": bookmark() if bookmark and dist_info.is_main else {}, "tokens": tokens,
+                     "window": window_totals(window, dist_info)}
             save_state(state_dir, model, optimizer, scheduler, step, extra, sharded=gathered_states,
                        write=dist_info.is_main, info=dist_info)
+            schedule.saved(step)
 
     # Per key: [sum of values, count] over this rank's real micro-batches (or steps) since the last log.
     window: dict[str, list] = defaultdict(lambda: [0.0, 0.0])
+    restore_window(window, payload.get("window"), dist_info)
     final: dict[str, float] = {}
     tokens = int(payload.get("tokens", 0))
     window_tokens = 0
@@ -220,9 +223,15 @@ def optimise(
             local_tokens = sum(int(batch["attention_mask"].sum())
                                for micro, batch in zip(plan, batches, strict=True) if not micro.stand_in)
             # One collective per step (none in one process): the step's units and tokens over
-            # all ranks, and whether any rank got SIGTERM, so that all stop at the same step.
-            step_units, step_tokens, stops = all_reduce_sum(
-                [sum(units), local_tokens, float(signal_flag["stop"])], dist_info)
+            # all ranks, and whether any rank got SIGTERM or finds a timed save due, so that all
+            # save (the state after the previous step) and stop at the same step.
+            step_units, step_tokens, stops, time_due = all_reduce_sum(
+                [sum(units), local_tokens, float(signal_flag["stop"]), float(schedule.time_due())], dist_info)
+            if stops > 0 or time_due > 0:
+                save(step - 1)
+            if stops > 0:
+                raise StopRequested(f"{desc}: stopped by SIGTERM after step {step - 1}; run the same command "
+                                    "to resume")
             step_loss = torch.zeros((), device=runtime.device)
             for k, (micro, batch, n) in enumerate(zip(plan, batches, units, strict=True)):
                 weight = micro_batch_weight(n, step_units, world)
@@ -239,14 +248,16 @@ def optimise(
             window_tokens += int(step_tokens)
             loss_value, norm_value = updater.update(step_loss, f"at step {step} (epoch {epoch + 1})")
             for key, value in (("train/loss", loss_value), ("train/grad_norm", norm_value)):
-                window[key][0] += value
-                window[key][1] += 1
+                if value is not None:  # None: a norm DeepSpeed's fp16 loss scaler skipped (ibridge/zero.py)
+                    window[key][0] += value
+                    window[key][1] += 1
             if step % settings.log_every == 0 or step == total:
                 now = time.perf_counter()
                 metrics = _window_means(window, dist_info)
                 metrics["train/lr"] = scheduler.get_last_lr()[0]
                 metrics["train/epoch"] = epoch + 1
                 metrics["train/tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
+                metrics.update(updater.counters() if hasattr(updater, "counters") else {})
                 progress.set_postfix(loss=f"{metrics['train/loss']:.4f}")
                 if log is not None:
                     log(metrics, step)
@@ -265,16 +276,15 @@ def optimise(
                 if log is not None:
                     log(eval_metrics, step)
                 window_start = time.perf_counter()  # evaluation time is not training throughput
-            if step < total and save_every > 0 and step % save_every == 0:
+            if step < total and schedule.step_due(step):
                 save(step)
-            # On SIGTERM (to any rank), train on to the next logging step (where the metrics
-            # window is empty, so the saved state is exact), save, and stop.
-            if stops > 0 and step < total and step % settings.log_every == 0:
-                save(step)
-                raise StopRequested(f"{desc}: stopped by SIGTERM after step {step}; run the same command to resume")
     progress.close()
+    if evaluate is not None and hasattr(evaluate, "close"):
+        evaluate.close()  # its models (the kl/token reference) go before the checksums' gathers
     model.eval()
     checksums = parameter_checksums(model, dist_info)
+    if hasattr(updater, "close"):
+        updater.close()  # DeepSpeed's engine: its memory goes with the model (ibridge/zero.py)
     return StageSummary(steps=total, runtime_s=time.perf_counter() - start, tokens=tokens, final_metrics=final,
                         resumed_from=done, rank_checksums=checksums)
 

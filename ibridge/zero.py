@@ -14,6 +14,11 @@ Differences from the other backends, all documented in docs/real_setting.md:
 * the gradient norm is computed inside the engine's step, so a non-finite norm is
   detected just after the update rather than before it (a non-finite loss is still
   caught before);
+* under ``trainer.precision=fp16`` DeepSpeed's dynamic loss scaler skips the update of a
+  step whose scaled gradients overflowed and halves the scale (routine in the first steps
+  from its 2**16 initial scale): ``was_step_applied()`` says so, the step is logged
+  (``train/skipped_steps``, a warning) and training goes on; only a non-finite norm of an
+  applied step stops the stage;
 * with ``trainer.precision=bf16`` the module's weights are bf16 (fp32 master
   copies live in the optimiser), so the saved checkpoint holds bf16-rounded weights.
 
@@ -24,11 +29,14 @@ nothing imports it unless ``trainer=deepspeed`` is chosen.
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 
 from ibridge.distributed import require_deepspeed
 from ibridge.updates import check_finite
+
+log = logging.getLogger(__name__)
 
 
 def engine_config(batch_size: int, grad_accum: int, max_grad_norm: float, precision: str, zero_stage: int) -> dict:
@@ -77,6 +85,7 @@ class ZeroUpdate:
         self.trained = self.module
         self.desc = desc
         self._last = True
+        self.skipped_steps = 0  # fp16 steps whose update the loss scaler skipped (logged as train/skipped_steps)
 
     def accumulating(self, last: bool):
         self.module.set_gradient_accumulation_boundary(last)
@@ -88,12 +97,29 @@ class ZeroUpdate:
         if not self._last:
             self.module.step()  # not a boundary: DeepSpeed only accumulates
 
-    def update(self, step_loss: torch.Tensor, where: str) -> tuple[float, float]:
+    def update(self, step_loss: torch.Tensor, where: str) -> tuple[float, float | None]:
+        """The step's loss and gradient norm; the norm is None for a step DeepSpeed's fp16 loss
+        scaler skipped (gradients overflowed: no update, no schedule step, a halved scale)."""
         loss_value = float(step_loss)
         check_finite(self.desc, loss_value, 0.0, where, "the weights were not updated")
         self.module.step()  # clip, AdamW step, schedule step, zero the gradients
+        if not self.module.was_step_applied():
+            self.skipped_steps += 1
+            log.warning("%s: the update %s was skipped by DeepSpeed's fp16 loss scaler (the scaled gradients "
+                        "overflowed; it lowers the scale and goes on); %d skipped so far",
+                        self.desc, where, self.skipped_steps)
+            return loss_value, None
         norm = self.module.get_global_grad_norm()
         norm_value = float(norm) if norm is not None else float("nan")
         check_finite(self.desc, loss_value, norm_value, where,
                      "DeepSpeed applied the update, so the stage stops here and restarts from its beginning")
         return loss_value, norm_value
+
+    def counters(self) -> dict[str, float]:
+        """Logged with the step's metrics."""
+        return {"train/skipped_steps": float(self.skipped_steps)}
+
+    def close(self) -> None:
+        """Tear the engine down (its hooks, its optimiser's buffers), so that its memory can go
+        once the model is dropped: the engine and a ZeRO optimiser hold reference cycles."""
+        self.module.destroy()

@@ -1,7 +1,9 @@
 """Run by tests/test_distributed.py under torchrun (2 CPU ranks, gloo); not a test module.
 
 An FSDP-sharded training state saved after 2 steps and resumed into a freshly sharded
-model must give exactly the weights of training 4 steps straight through.
+model must give exactly the weights of training 4 steps straight through; on resume only
+rank 0 reads the state's tensor files (the others get their shards broadcast: 8 ranks each
+reading the whole 96 GB state of an 8B model would exceed a node's memory).
 Usage: torchrun --nproc_per_node 2 tests/fsdp_state_worker.py OUT_DIR
 """
 
@@ -14,6 +16,7 @@ import torch
 import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import ibridge.checkpointing as checkpointing
 from ibridge.checkpointing import load_state, save_state
 from ibridge.distributed import DistInfo, full_model_state, shard
 
@@ -51,7 +54,20 @@ def main(out: Path) -> None:
     straight = full_model_state(model, info)
 
     model, optimizer, scheduler = build(info)
-    payload = load_state(out / "state", model, optimizer, scheduler, sharded=True)
+    reads: list[str] = []
+    original_load_file = checkpointing.load_file
+
+    def counting_load_file(path, *args, **kwargs):
+        reads.append(Path(path).name)
+        return original_load_file(path, *args, **kwargs)
+
+    checkpointing.load_file = counting_load_file
+    try:
+        payload = load_state(out / "state", model, optimizer, scheduler, sharded=True)
+    finally:
+        checkpointing.load_file = original_load_file
+    expected_reads = ["model.safetensors", "optimizer.safetensors"] if info.is_main else []
+    assert sorted(reads) == expected_reads, f"rank {info.rank} read {reads}"
     train(model, optimizer, scheduler, range(2, 4), info.rank)
     resumed = full_model_state(model, info)
     if info.is_main:

@@ -144,3 +144,61 @@ def test_the_reference_pass_runs_on_the_weights_training_runs_on():
     fsdp = DistInfo(world_size=8, mode="fsdp")
     assert reference_pass_dtype(Runtime(device=gpu, precision="bf16", dist=fsdp)) == torch.bfloat16
     assert reference_pass_dtype(Runtime(device=gpu, precision="fp32", dist=fsdp)) == torch.float32
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["model=llama3_8b"], True),
+    (["model=llama3_8b", "trainer=fsdp"], True),
+    (["model=mistral_7b", "trainer=ddp", "model.lora.enabled=true"], True),
+    (["model=llama3_8b", "trainer=fsdp", "trainer.gradient_checkpointing=false"], False),
+    (["model=qwen2_5_0_5b"], False),
+    (["model=qwen2_5_0_5b", "trainer.gradient_checkpointing=true"], True),
+    ([], False),
+])
+def test_7_8b_models_checkpoint_activations_unless_told_not_to(overrides, expected):
+    """The documented 8B FSDP and LoRA commands exceed 80 GB without gradient checkpointing
+    (docs/real_setting.md, "Memory per GPU"): ``trainer.gradient_checkpointing=auto`` (the
+    default) takes the 7-8B model configs' ``gradient_checkpointing: true`` (issue 20, item 4)."""
+    from ibridge.resource_config import gradient_checkpointing
+
+    cfg = compose_config(overrides)
+    validate(cfg)
+    assert gradient_checkpointing(cfg) is expected
+
+
+def test_auto_gradient_checkpointing_reaches_the_loaded_model(tiny_folder):
+    ctx = _ctx(False)
+    ctx.cfg.trainer.gradient_checkpointing = "auto"
+    ctx.cfg.model.gradient_checkpointing = True  # as conf/model/llama3_8b.yaml says
+    model = load_trainable(tiny_folder, ctx)
+    flag = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    assert getattr(model, flag)
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("trainer.gradient_checkpointing=sometimes", "trainer.gradient_checkpointing"),
+    ("sft.save_every_min=-1", "sft.save_every_min"),
+    ("eval.max_batch_tokens=0", "eval.max_batch_tokens"),
+    ("trainer.tf32=maybe", "trainer.tf32"),
+    ("trainer.attn_implementation=flash_attention_2", "trainer.attn_implementation"),
+])
+def test_resource_settings_are_checked_before_any_model_loads(override, key):
+    overrides = [override] + (["trainer.precision=fp32"] if "attn" in override else [])
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(compose_config(overrides))
+
+
+def test_the_torch_floor_is_a_release_with_the_fsdp2_api_ibridge_imports():
+    """``from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy`` needs torch 2.6;
+    pyproject.toml allowed 2.4, where trainer=fsdp failed at its import (issue 20, item 3)."""
+    import re
+
+    from packaging.version import Version
+
+    from ibridge.distributed import FSDP2_MIN_TORCH
+    from tests.conftest import REPO
+
+    floors = re.findall(r'"torch>=([0-9.]+)"', (REPO / "pyproject.toml").read_text())
+    assert len(floors) == 1
+    assert Version(floors[0]) >= Version(FSDP2_MIN_TORCH) == Version("2.6")
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: F401  (the import shard() makes)

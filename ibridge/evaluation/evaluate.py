@@ -13,14 +13,13 @@ its context (see `judges.RewardModelJudge`).
 
 from __future__ import annotations
 
-import gc
 import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ibridge.data.formatting import encode_split
+from ibridge.device_memory import release_memory
 from ibridge.distributed import DistInfo, merge_shares, shard_of
 from ibridge.evaluation import stats
 from ibridge.evaluation.drift import (
@@ -34,7 +33,9 @@ from ibridge.evaluation.generate import generate
 from ibridge.evaluation.judges import build_judge
 from ibridge.io import write_json_atomic
 from ibridge.models import load_model, load_tokenizer
+from ibridge.resource_config import DEFAULT_GENERATION_TOKENS
 from ibridge.runtime import Runtime
+from ibridge.scoring import load_scoring_model, scores_in_fp32
 
 
 def evaluate_checkpoint(
@@ -48,8 +49,13 @@ def evaluate_checkpoint(
     for `kl_to_ref` are drawn batch by batch from RNGs seeded by (`seed`, batch index)
     (``generate.batch_seed``), so they do not depend on how the batches are split.
 
-    One model is in memory at a time: the policy (generations, samples, and its log-probs of
-    them and of the held-out pairs), then the judge, then the reference.
+    One model is in memory at a time: the policy for generation (weights in the run's compute
+    dtype: bf16 under ``precision=bf16``, so the KV cache is bf16 and no weight is re-cast at
+    each decode step), the policy for scoring (float32 weights, an attention implementation
+    that runs in float32: `ibridge.scoring.load_scoring_model`; the same model when generation
+    already ran on such weights), the judge, then the reference (float32, the same way).
+    Generation batches hold at most ``eval.max_batch_tokens`` tokens of prompt and new tokens
+    (`ibridge.evaluation.generate.generation_batches`), which bounds the KV cache.
     """
     info = runtime.dist
     out_dir = Path(out_dir)
@@ -61,27 +67,30 @@ def evaluate_checkpoint(
     if ev.num_prompts > 0:
         examples = examples[: ev.num_prompts]
     prompts = [example["prompt"] for example in examples]
-    # fp32 weights (the scoring is float32, docs/design.md §3) that need no gradients: autocast
-    # keeps a bf16 copy of every weight only for leaves that require grad, so generation under
-    # autocast then casts layer by layer instead of holding a second copy of the model.
-    policy = load_model(policy_path, runtime).requires_grad_(False)
+    budget = int(ev.get("max_batch_tokens", DEFAULT_GENERATION_TOKENS))
+    policy = load_model(policy_path, runtime, for_inference=True)  # the compute dtype's weights
     generations = generate(
         policy, tokenizer, prompts, runtime, ev.max_new_tokens, ev.batch_size, ev.do_sample, ev.temperature,
-        desc=f"generate ({generator})" if main else None, seed=int(cfg.seed), shard=info,
+        desc=f"generate ({generator})" if main else None, seed=int(cfg.seed), shard=info, max_batch_tokens=budget,
     )
     drift: dict = {}
     if reference_path is not None:
         # Responses y ~ pi for the sampled KL, and log pi of them and of the held-out pairs.
         samples = generate(policy, tokenizer, prompts, runtime, ev.max_new_tokens, ev.batch_size, True, 1.0,
-                           desc="sample for KL" if main else None, seed=int(cfg.seed), shard=info)
+                           desc="sample for KL" if main else None, seed=int(cfg.seed), shard=info,
+                           max_batch_tokens=budget)
         sampled = response_sequences(samples)
+        if not scores_in_fp32(policy, runtime):  # bf16 weights, or an fp16/bf16-only attention kernel
+            del policy
+            release_memory()
+            policy = load_scoring_model(policy_path, runtime)
         drift["policy_samples"] = sequence_logps(policy, sampled, runtime, pad, info)
         heldout = source.examples("heldout_pairs") if "heldout_pairs" in source.kinds else []
         if heldout:
             pairs, _ = encode_split(tokenizer, heldout, "preferences", cfg.model.max_length)
             drift["policy_pairs"] = pair_logps(policy, pairs, runtime, pad, info)
     del policy
-    _release()
+    release_memory()
 
     judge = build_judge(cfg.judge, runtime)
     outputs = [gen["text"] for gen in generations]
@@ -114,10 +123,10 @@ def evaluate_checkpoint(
             if any(mask):
                 metrics[name] = float(rewards[np.asarray(mask, dtype=bool)].mean())
     del judge
-    _release()
+    release_memory()
 
     if reference_path is not None:
-        reference = load_model(reference_path, runtime).requires_grad_(False)
+        reference = load_scoring_model(reference_path, runtime)
         metrics["kl_to_ref"], metrics["kl_to_ref_se"] = kl_from_logps(
             drift["policy_samples"], sequence_logps(reference, sampled, runtime, pad, info))
         # A KL over responses cut at this many tokens, not over complete responses.
@@ -126,18 +135,11 @@ def evaluate_checkpoint(
             metrics["implicit_reward_acc"] = implicit_accuracy_from_logps(
                 drift["policy_pairs"], pair_logps(reference, pairs, runtime, pad, info))
         del reference
-        _release()
+        release_memory()
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         _write_generations(out_dir, examples, outputs, verdicts, ref_verdicts, prefs, generator)
     return metrics
-
-
-def _release() -> None:
-    """Return a model's memory, just dropped by the caller, before the next one loads."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _judged(judge, prompts: list, responses: list[str], info: DistInfo) -> list[dict]:

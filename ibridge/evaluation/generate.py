@@ -96,6 +96,29 @@ def _seeded(seed: int | None, batch: int, runtime: Runtime):
         yield
 
 
+def generation_batches(prompt_lengths: list[int], max_new_tokens: int, batch_size: int,
+                       max_tokens: int) -> list[list[int]]:
+    """Prompt indices in generation batches: shortest prompts first, consecutive in that order,
+    each of at most `batch_size` rows and at most `max_tokens` tokens of KV cache, rows x
+    (longest prompt + `max_new_tokens`); a prompt longer than that alone forms a batch.
+
+    The cache of a batch grows to rows x (longest prompt + new tokens) x (bytes per token:
+    128 KiB at Llama-3-8B in bf16, docs/memory.md), whichever rank generates it. Where the
+    budget does not bind (short prompts, the toy world), the batches are the `batch_size`
+    blocks of the length order.
+    """
+    order = sorted(range(len(prompt_lengths)), key=lambda i: prompt_lengths[i])
+    batches: list[list[int]] = []
+    for index in order:
+        # Ascending order: the newest prompt is the batch's longest.
+        if batches and len(batches[-1]) < batch_size and \
+                (len(batches[-1]) + 1) * (prompt_lengths[index] + max_new_tokens) <= max_tokens:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -109,11 +132,14 @@ def generate(
     desc: str | None = "generate",
     seed: int | None = None,
     shard: DistInfo | None = None,
+    max_batch_tokens: int | None = None,
 ) -> list[dict]:
     """One response per prompt: ``{"text", "prompt_ids", "response_ids"}``.
 
     Prompts are left-padded (generation appends on the right) and batched by
-    length, so batches carry little padding. Generation stops at EOS or at the
+    length, so batches carry little padding: at most `batch_size` rows and, with
+    `max_batch_tokens`, at most that many tokens of prompt and new tokens per batch
+    (:func:`generation_batches`). Generation stops at EOS or at the
     chat template's end-of-turn token (`ibridge.data.end_of_turn`); ``response_ids``
     stop at and include the first of them, so that log pi(y|x) covers the decision
     to stop, and ``text`` is the reply without it. Whatever the checkpoint's
@@ -129,12 +155,12 @@ def generate(
     stops = stop_token_ids(tokenizer)
     settings = decoding_settings(do_sample, temperature)
     encoded = [prompt_ids(tokenizer, prompt) for prompt in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     results: list[dict | None] = [None] * len(prompts)
-    starts = list(range(0, len(order), batch_size))
-    mine = shard_of(len(starts), shard) if shard is not None else range(len(starts))
+    batches = generation_batches([len(ids) for ids in encoded], max_new_tokens, batch_size,
+                                 max_batch_tokens or 2**62)
+    mine = shard_of(len(batches), shard) if shard is not None else range(len(batches))
     for k in tqdm(mine, desc=desc, unit="batch", disable=desc is None, dynamic_ncols=True):
-        chunk = order[starts[k] : starts[k] + batch_size]
+        chunk = batches[k]
         width = max(len(encoded[i]) for i in chunk)
         input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)  # (B, T)
         attention = torch.zeros_like(input_ids)

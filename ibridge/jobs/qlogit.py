@@ -73,7 +73,8 @@ from ibridge.data.collate import pad_sequences
 from ibridge.data.formatting import EncodeStats, encode_response
 from ibridge.evaluation.stats import preferences_from_scores, spearman
 from ibridge.io import write_json_atomic
-from ibridge.models import load_model, load_tokenizer
+from ibridge.models import load_tokenizer
+from ibridge.scoring import fp32_matmuls, load_scoring_model
 from ibridge.stages import STAGE_RECORD
 
 log = logging.getLogger(__name__)
@@ -115,14 +116,16 @@ def run(ctx) -> None:
     tokenizer = load_tokenizer(policy_path, ctx.runtime, ctx.cfg.model)
     _check_same_tokenizer(tokenizer, reference_path)
     pairs = _encode_pairs(ctx, tokenizer, opts["num_pairs"], int(cfg.model.max_length))
-    policy = load_model(policy_path, ctx.runtime)
-    reference = load_model(reference_path, ctx.runtime)
+    # float32 weights with an attention kernel that runs in float32 (sdpa under a flash run).
+    policy = load_scoring_model(policy_path, ctx.runtime)
+    reference = load_scoring_model(reference_path, ctx.runtime)
 
     sequences = [pair[kind] for kind in KINDS for pair in pairs]  # all chosen, then all rejected
-    values, err_token, err_sequence = analyse(
-        policy, reference, [s["encoded"] for s in sequences], opts["beta"], ctx.runtime.device,
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, opts["batch_size"],
-    )
+    with fp32_matmuls(ctx.runtime):
+        values, err_token, err_sequence = analyse(
+            policy, reference, [s["encoded"] for s in sequences], opts["beta"], ctx.runtime.device,
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, opts["batch_size"],
+        )
     records = [_record(seq, vals, tokenizer) for seq, vals in zip(sequences, values, strict=True)]
     metrics = summarise(records, len(pairs), err_token, err_sequence, opts["beta"])
     metrics.update({"reference": str(reference_path), "reference_from": reference_from})
