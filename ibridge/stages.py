@@ -242,7 +242,7 @@ def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path
         record["distributed"] = ctx.runtime.dist.mode
         record["rank_checksums"] = summary.rank_checksums
     del reference  # the training step's reference model, if any
-    model = merged(model)  # a LoRA stage's checkpoint is the merged model: the next stage's reference
+    model = merged(model, init_path, ctx.runtime)  # LoRA: the merged fp32 model, the next stage's reference
     record["checkpoint"] = str(out_dir / "checkpoint")
     weights = full_model_state(model, ctx.runtime.dist)  # FSDP: gathered on rank 0 (every rank calls)
     if ctx.runtime.dist.is_main:
