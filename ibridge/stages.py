@@ -144,7 +144,8 @@ def drift_evaluator(ctx, tokenizer, reference_path: Path):
 
 
 def load_trainable(init_path: Path, ctx):
-    """The model a stage trains: fp32 weights (the optimiser's master copy); with LoRA, the
+    """The model a stage trains: fp32 weights (the optimiser's master copy; under DeepSpeed the
+    engine's dtype, its masters being in its optimiser); with LoRA, the
     frozen base in the run's compute dtype on GPUs (bf16: half the memory, and autocast
     would cast it anyway) under fp32 adapters (peft upcasts them); with
     ``trainer.gradient_checkpointing``, activations recomputed in the backward pass
@@ -153,6 +154,10 @@ def load_trainable(init_path: Path, ctx):
     cfg, runtime = ctx.cfg, ctx.runtime
     lora = lora_enabled(cfg.model)
     frozen_dtype = torch.bfloat16 if lora and trains_on_bf16_weights(runtime) else None
+    if runtime.dist.mode == "deepspeed":  # the engine's weights (ibridge/zero.py): bf16 under bf16, half the memory
+        from ibridge.zero import engine_weights_dtype
+
+        frozen_dtype = engine_weights_dtype(runtime.precision)
     model = load_model(init_path, runtime, on_device=not runtime.dist.sharded, dtype=frozen_dtype)
     if bool(cfg.trainer.get("gradient_checkpointing", False)):
         model.config.use_cache = False
