@@ -66,8 +66,8 @@ bench-trl: $(VENV)/.bench  ## ibridge vs TRL (DPO, SFT) and a bare loop: tok/s, 
 bench-scale: $(VENV)/.bench  ## the same at realistic shapes: 128k vocabulary, UltraChat-like lengths (~10 min; BENCHMARKS.md)
 	$(BIN)/python benchmarks/bench_scale.py
 
-gpu-check: setup  ## bf16 steps, bf16/fp32 loss parity, memory, resume, NCCL on a CUDA machine (--cpu: the CPU mode CI runs)
-	$(BIN)/python benchmarks/gpu_check.py
+gpu-check: setup  ## on one or more GPUs: bf16 steps and parity, resume, kl/token, eval scoring, LoRA merge, FSDP2, NCCL (JSON: gpu_check.json)
+	$(BIN)/python benchmarks/gpu_check.py --json gpu_check.json
 
 REPRO_DIR ?= multirun/reproduce
 # REPRODUCTION.md's grids: the paper's two (lr; the f-divergences, now inside `objectives`) and the

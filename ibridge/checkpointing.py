@@ -92,7 +92,7 @@ def _write_state(final_dir, model, optimizer, scheduler, step, extra, model_stat
     sharded = model_state is not None
     tmp = staging_dir(final_dir)
     if sharded:
-        save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+        save_file(_unshared(model_state), str(tmp / "model.safetensors"))
     else:
         save_model(model, str(tmp / "model.safetensors"))
         optimizer_state = optimizer.state_dict()
@@ -101,6 +101,20 @@ def _write_state(final_dir, model, optimizer, scheduler, step, extra, model_stat
     payload = {"step": step, "optimizer": meta, "scheduler": scheduler.state_dict(), **extra}
     (tmp / STATE_FILE).write_text(json.dumps(payload))
     publish_dir(tmp, final_dir)
+
+
+def _unshared(state: dict) -> dict:
+    """`state`'s tensors made contiguous, each copied if an earlier one shares its memory:
+    safetensors refuses shared memory, which tied weights (lm_head = embed_tokens) have in the
+    gathered state where the gather returns the local tensor itself (FSDP on one CPU rank).
+    Every name keeps its own copy, as the gather on several ranks gives."""
+    out, seen = {}, set()
+    for name, value in state.items():
+        value = value.contiguous()
+        storage = value.untyped_storage().data_ptr()
+        out[name] = value.clone() if storage in seen else value
+        seen.add(storage)
+    return out
 
 
 def _param_key(index: str) -> int | str:

@@ -135,7 +135,8 @@ def drift_evaluator(ctx, tokenizer, reference_path: Path):
 
 
 def load_trainable(init_path: Path, ctx):
-    """The model a stage trains: fp32 weights (the optimiser's master copy); with LoRA, the
+    """The model a stage trains: fp32 weights (the optimiser's master copy; under DeepSpeed the
+    engine's dtype, its masters being in its optimiser); with LoRA, the
     frozen base in the run's compute dtype on GPUs (bf16: half the memory, and autocast
     would cast it anyway) under fp32 adapters (peft upcasts them); with
     ``trainer.gradient_checkpointing``, activations recomputed in the backward pass
@@ -144,6 +145,10 @@ def load_trainable(init_path: Path, ctx):
     cfg, runtime = ctx.cfg, ctx.runtime
     lora = lora_enabled(cfg.model)
     frozen_dtype = torch.bfloat16 if lora and trains_on_bf16_weights(runtime) else None
+    if runtime.dist.mode == "deepspeed":  # the engine's weights (ibridge/zero.py): bf16 under bf16, half the memory
+        from ibridge.zero import engine_weights_dtype
+
+        frozen_dtype = engine_weights_dtype(runtime.precision)
     model = load_model(init_path, runtime, on_device=not runtime.dist.sharded, dtype=frozen_dtype)
     if gradient_checkpointing(cfg):  # trainer.gradient_checkpointing, or the model config's default
         model.config.use_cache = False
@@ -235,7 +240,7 @@ def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path
         record["distributed"] = ctx.runtime.dist.mode
         record["rank_checksums"] = summary.rank_checksums
     del reference  # the training step's reference model, if any
-    model = merged(model)  # a LoRA stage's checkpoint is the merged model: the next stage's reference
+    model = merged(model, init_path, ctx.runtime)  # LoRA: the merged fp32 model, the next stage's reference
     record["checkpoint"] = str(out_dir / "checkpoint")
     weights = full_model_state(model, ctx.runtime.dist)  # FSDP: gathered on rank 0 (every rank calls)
     if ctx.runtime.dist.is_main:

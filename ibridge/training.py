@@ -147,7 +147,10 @@ def optimise(
     pure function of the seed and the number of steps taken.
 
     Logged metrics are over all ranks: the loss is the step's global mean, token counts
-    are sums, the objectives' metrics are means over every rank's micro-batches.
+    are sums, each of the objectives' metrics is its mean over all its units (pairs,
+    sequences or scored tokens: `ObjectiveOutput.metric_units`) in every rank's
+    micro-batches since the last log, so it reads the same whatever `grad_accum` and the
+    number of processes.
     """
     if not items:
         raise ValueError(f"{desc}: no training examples")
@@ -206,7 +209,8 @@ def optimise(
                        write=dist_info.is_main, info=dist_info)
             schedule.saved(step)
 
-    # Per key: [sum of values, count] over this rank's real micro-batches (or steps) since the last log.
+    # Per key: [sum of values x units, units] over this rank's real micro-batches (or steps, for
+    # train/loss and train/grad_norm) since the last log.
     window: dict[str, list] = defaultdict(lambda: [0.0, 0.0])
     restore_window(window, payload.get("window"), dist_info)
     final: dict[str, float] = {}
@@ -242,8 +246,10 @@ def optimise(
                 step_loss = step_loss + out.loss.detach().float() * (weight / world)
                 real = 0.0 if micro.stand_in else 1.0  # a stand-in adds its keys, not its values
                 for key, value in out.metrics.items():
-                    window[key][0] = window[key][0] + value.detach() * real  # no host sync here
-                    window[key][1] += real
+                    # Weighted by its units (pairs, sequences, tokens), as the loss is; no host sync here.
+                    units_here = out.metric_units[key] * real
+                    window[key][0] = window[key][0] + value.detach() * units_here
+                    window[key][1] = window[key][1] + units_here
             tokens += int(step_tokens)
             window_tokens += int(step_tokens)
             loss_value, norm_value = updater.update(step_loss, f"at step {step} (epoch {epoch + 1})")
@@ -292,7 +298,7 @@ def optimise(
 def _window_means(window: dict[str, list[float]], dist_info) -> dict[str, float]:
     """Each key's mean over the window, across ranks. The loss is already the step's global
     mean divided among ranks (each rank holds its micro-batches' share), so its rank sums add
-    up; every other key is a mean over all ranks' micro-batches (or steps). One collective."""
+    up; every other key is a mean over all ranks' units (or steps). One collective."""
     keys = sorted(window)
     flat = [float(x) for key in keys for x in window[key]]
     totals = all_reduce_sum(flat, dist_info)

@@ -20,7 +20,8 @@ Differences from the other backends, all documented in docs/real_setting.md:
   (``train/skipped_steps``, a warning) and training goes on; only a non-finite norm of an
   applied step stops the stage;
 * with ``trainer.precision=bf16`` the module's weights are bf16 (fp32 master
-  copies live in the optimiser), so the saved checkpoint holds bf16-rounded weights.
+  copies live in the optimiser), so the saved checkpoint holds bf16-rounded weights; under
+  every ZeRO stage (`engine_weights_dtype`: the stage loads them so, ZeRO-3 partitions them so).
 
 DeepSpeed is an optional extra (``pip install --no-build-isolation -e .[deepspeed]``);
 nothing imports it unless ``trainer=deepspeed`` is chosen.
@@ -37,6 +38,14 @@ from ibridge.distributed import require_deepspeed
 from ibridge.updates import check_finite
 
 log = logging.getLogger(__name__)
+
+
+def engine_weights_dtype(precision: str) -> torch.dtype:
+    """The dtype DeepSpeed's engine keeps the module's weights in: bf16 or fp16 under those
+    precisions (fp32 master copies in the optimiser), fp32 otherwise. The reference pass runs on
+    the same weights (`ibridge.models.reference_pass_dtype`), so that the implicit reward of the
+    untrained policy is zero."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
 def engine_config(batch_size: int, grad_accum: int, max_grad_norm: float, precision: str, zero_stage: int) -> dict:
@@ -76,6 +85,13 @@ class ZeroUpdate:
         config = engine_config(settings.batch_size, settings.grad_accum, settings.max_grad_norm,
                                runtime.precision, runtime.dist.zero_stage)
         if runtime.dist.zero_stage == 3:
+            # zero.Init(module=...) partitions the weights in the dtype they have, and initialize()
+            # then assumes they are in the engine's (it casts them only under ZeRO-1/2): fp32
+            # partitions would train and be saved in fp32, off the bf16 reference pass.
+            dtype = engine_weights_dtype(runtime.precision)
+            for param in model.parameters():  # weights only: fp32 buffers (rotary) stay, as DeepSpeed keeps them
+                if param.is_floating_point() and param.dtype != dtype:
+                    param.data = param.data.to(dtype)
             # Partition the (CPU-loaded) weights parameter by parameter, as if the model had
             # been built inside zero.Init: otherwise initialize() first moves the whole model
             # to this rank's GPU, 32 GB of fp32 weights for an 8B model on every GPU.

@@ -2,8 +2,8 @@
 
 For each objective, one optimiser step over the 7 uneven examples of tests/weighting_case.py
 (micro-batches of 1 per rank, grad_accum 4: 2 + 2 + 2 + 1 examples, rank 1 a stand-in in
-the last) must hand the optimiser the gradient of all 7 in one batch. Rank 0 writes the
-largest differences to OUT as JSON.
+the last) must hand the optimiser the gradient of all 7 in one batch, and log the loss and
+every metric of that batch. Rank 0 writes the differences to OUT as JSON.
 Usage: torchrun --nproc_per_node 2 tests/loss_weighting_worker.py OUT
 """
 
@@ -18,7 +18,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.torchrun import gloo_ddp_runtime  # noqa: E402
-from tests.weighting_case import OBJECTIVES, gradient_gap, loop_gradient, one_batch_gradient  # noqa: E402
+from tests.weighting_case import (  # noqa: E402
+    OBJECTIVES,
+    gradient_gap,
+    loop_gradient,
+    metric_gaps,
+    one_batch_gradient,
+)
 
 
 def main(out: Path) -> None:
@@ -26,9 +32,10 @@ def main(out: Path) -> None:
     with gloo_ddp_runtime() as runtime:
         report = {}
         for kind in OBJECTIVES:
-            loss, grads = loop_gradient(kind, batch_size=1, grad_accum=4, runtime=runtime)
-            ref_loss, ref_grads = one_batch_gradient(kind)
-            report[kind] = {"loss_diff": abs(loss - ref_loss), **gradient_gap(grads, ref_grads)}
+            logged, grads = loop_gradient(kind, batch_size=1, grad_accum=4, runtime=runtime)
+            reference, ref_grads = one_batch_gradient(kind)
+            report[kind] = {"metrics": metric_gaps(logged, reference), "reference": reference,
+                            **gradient_gap(grads, ref_grads)}
         if runtime.dist.is_main:
             out.write_text(json.dumps(report))
 

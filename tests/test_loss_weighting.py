@@ -2,7 +2,9 @@
 
 The independent computation is always the same examples in one batch, one backward
 (tests/weighting_case.py): an optimiser step over uneven micro-batches (grad_accum 4, a
-short last micro-batch, 2 DDP ranks with a stand-in) must hand the optimiser that gradient.
+short last micro-batch, 2 DDP ranks with a stand-in) must hand the optimiser that gradient,
+and log that batch's loss and metrics (each weighted by its own units: pairs, sequences or
+scored tokens).
 """
 
 from __future__ import annotations
@@ -21,21 +23,33 @@ from tests.torchrun import run_worker
 from tests.weighting_case import OBJECTIVES, loop_gradient, one_batch_gradient
 
 CPU = Runtime(device=torch.device("cpu"), precision="fp32")
+# Every family of metric the objectives log, each with its own units; the case's objectives
+# must log at least one key of each (test_the_case_covers_every_metric_family).
+METRIC_FAMILIES = ("rewards/", "logps/", "implicit/", "kl/anchor", "train/nll_per_token")
 
 
-def _assert_same(grads, ref_grads, loss, ref_loss):
-    assert loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-6)
+def _assert_same(grads, ref_grads, logged, reference):
+    for key, value in reference.items():
+        assert key in logged, f"{key} not logged"
+        assert logged[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     for name, ref in ref_grads.items():
         torch.testing.assert_close(grads[name], ref, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("kind", list(OBJECTIVES))
 @pytest.mark.parametrize("batch_size,grad_accum", [(7, 1), (2, 4), (1, 7)])
-def test_one_step_over_micro_batches_has_the_one_batch_gradient(kind, batch_size, grad_accum, monkeypatch):
+def test_one_step_over_micro_batches_has_the_one_batch_gradient_and_metrics(kind, batch_size, grad_accum,
+                                                                            monkeypatch):
     torch.set_num_threads(1)
-    ref_loss, ref_grads = one_batch_gradient(kind)
-    loss, grads = loop_gradient(kind, batch_size, grad_accum, CPU, monkeypatch)
-    _assert_same(grads, ref_grads, loss, ref_loss)
+    reference, ref_grads = one_batch_gradient(kind)
+    logged, grads = loop_gradient(kind, batch_size, grad_accum, CPU, monkeypatch)
+    _assert_same(grads, ref_grads, logged, reference)
+
+
+def test_the_case_covers_every_metric_family():
+    keys = {key for kind in OBJECTIVES for key in one_batch_gradient(kind)[0]}
+    for family in METRIC_FAMILIES:
+        assert any(key.startswith(family) for key in keys), family
 
 
 def test_a_two_token_demonstration_weighs_per_token_what_it_weighs_in_one_batch():
@@ -53,7 +67,9 @@ def test_two_ddp_ranks_with_grad_accum_have_the_one_batch_gradient(tmp_path):
     report = json.loads(out.read_text())
     assert set(report) == set(OBJECTIVES)
     for kind, diffs in report.items():
-        assert diffs["loss_diff"] < 1e-5, (kind, diffs)
+        assert set(diffs["metrics"]) == set(diffs["reference"])
+        for key, gap in diffs["metrics"].items():  # the loss and every metric of the one batch
+            assert gap <= 1e-5 * abs(diffs["reference"][key]) + 1e-6, (kind, key, gap)
         assert diffs["grad_diff"] <= 1e-4 * diffs["grad_scale"] + 1e-6, (kind, diffs)
 
 
@@ -108,3 +124,8 @@ def test_a_one_epoch_stage_sees_each_example_once_and_the_schedule_agrees():
     assert summary.steps == settings.total_steps(n) == 2 == len(logged)
     assert summary.tokens == n
     assert logged[-1][1]["train/lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine schedule ended with the epoch
+
+
+def test_a_metric_without_units_is_refused_by_name():
+    with pytest.raises(ValueError, match="rewards/chosen"):
+        ObjectiveOutput(loss=torch.zeros(()), metrics={"rewards/chosen": torch.zeros(())})

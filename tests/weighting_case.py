@@ -69,18 +69,21 @@ def parts(kind: str):
             loss_units(objective))
 
 
-def one_batch_gradient(kind: str) -> tuple[float, dict[str, torch.Tensor]]:
-    """The independent computation: every example in one batch, one backward."""
+def one_batch_gradient(kind: str) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """The independent computation: every example in one batch, one backward. Returns the
+    batch's loss (as ``train/loss``) and metrics, and the gradient."""
     model = tiny_model()
     _, compute, collate, _ = parts(kind)
     out = compute(model, collate(examples(kind)))
     out.loss.backward()
-    return float(out.loss.detach()), {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    metrics = {"train/loss": float(out.loss.detach()), **{key: float(v) for key, v in out.metrics.items()}}
+    return metrics, {name: p.grad.detach().clone() for name, p in model.named_parameters()}
 
 
-def loop_gradient(kind: str, batch_size: int, grad_accum: int, runtime, monkeypatch=None) -> tuple[float, dict]:
-    """The first optimiser step of `optimise` over the same examples: its loss and the
-    gradient it hands to the optimiser (after any data-parallel reduction)."""
+def loop_gradient(kind: str, batch_size: int, grad_accum: int, runtime, monkeypatch=None) -> tuple[dict, dict]:
+    """The first optimiser step of `optimise` over the same examples: the metrics it logs
+    (``log_every=1``) and the gradient it hands to the optimiser (after any data-parallel
+    reduction)."""
     captured: dict = {}
     original = TorchUpdate.update
 
@@ -101,7 +104,13 @@ def loop_gradient(kind: str, batch_size: int, grad_accum: int, runtime, monkeypa
                  log=lambda metrics, step: logged.append(metrics), count_units=count)
     finally:
         TorchUpdate.update = original
-    return logged[0]["train/loss"], captured["grads"]
+    return logged[0], captured["grads"]
+
+
+def metric_gaps(logged: dict, reference: dict) -> dict[str, float]:
+    """|logged - one batch| for every metric of the one-batch computation (JSON-able); a metric
+    the loop did not log reads infinity."""
+    return {key: abs(logged[key] - value) if key in logged else float("inf") for key, value in reference.items()}
 
 
 def gradient_gap(grads: dict, ref_grads: dict) -> dict:

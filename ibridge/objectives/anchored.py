@@ -103,9 +103,10 @@ class _Anchored(DemonstrationObjective):
         kl = prefix_kl(logits, ref_logits, mask, self.kl_direction)  # (B, T)
         loss = masked_mean(self._token_losses(policy_logps) + self.kl_coef * kl, mask)
         weights = self._token_weights(policy_logps.detach())
-        metrics = token_objective_metrics(policy_logps, ref_logps, mask, weights, beta=self.kl_coef)
+        metrics, units = token_objective_metrics(policy_logps, ref_logps, mask, weights, beta=self.kl_coef)
         metrics["kl/anchor"] = masked_mean(kl.detach(), mask)
-        return ObjectiveOutput(loss=loss, metrics=metrics)
+        units["kl/anchor"] = mask.sum()  # over scored prefixes
+        return ObjectiveOutput(loss=loss, metrics=metrics, metric_units=units)
 
 
 class SFTKL(_Anchored):

@@ -44,11 +44,23 @@ class ObjectiveOutput:
 
     loss: scalar, differentiable; the quantity to minimise for this batch.
     metrics: detached scalar tensors keyed as in the field (``rewards/chosen``, ``logps/policy``,
-        ``implicit/reward``, ...). Kept as tensors so that the trainer decides when to sync.
+        ``implicit/reward``, ...), each a mean over its own units (pairs, sequences or scored
+        tokens). Kept as tensors so that the trainer decides when to sync.
+    metric_units: for every key of ``metrics``, how many units its mean is over in this batch
+        (a scalar tensor or int). The trainer weighs each micro-batch's value by it, so that a
+        logged metric is its mean over all the units of the window, on every rank, as the
+        loss is (ibridge/batching.py; `unit_means` builds both dicts).
     """
 
     loss: Tensor
     metrics: dict[str, Tensor] = field(default_factory=dict)
+    metric_units: dict[str, Tensor | int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        missing = sorted(set(self.metrics) - set(self.metric_units))
+        if missing:
+            raise ValueError(f"ObjectiveOutput: metric(s) {', '.join(missing)} have no metric_units "
+                             "(how many units each mean is over; see objectives.base.unit_means)")
 
 
 class Objective(abc.ABC):
@@ -173,3 +185,13 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     """
     total = torch.where(mask, values, torch.zeros_like(values)).sum()
     return total / mask.sum().clamp(min=1).to(values.dtype)
+
+
+def unit_means(columns: dict[str, tuple[Tensor, Tensor]]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``{key: (values, mask)}`` (same shapes, mask bool) -> ``(metrics, metric_units)``: each
+    key's detached mean over its mask and the mask's count, for `ObjectiveOutput`. A metric
+    over pairs or sequences passes a (B,) mask, one over scored tokens the (B, T) token mask."""
+    with torch.no_grad():
+        metrics = {key: masked_mean(values.detach(), mask) for key, (values, mask) in columns.items()}
+        units = {key: mask.sum() for key, (_, mask) in columns.items()}
+    return metrics, units

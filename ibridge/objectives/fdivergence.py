@@ -64,6 +64,7 @@ from .base import (
     check_positive,
     check_real,
     masked_mean,
+    unit_means,
 )
 from .logprobs import sequence_logps
 
@@ -257,14 +258,14 @@ class FDivergenceObjective(DemonstrationObjective):
         with torch.no_grad():
             token_rewards, seq_rewards = implicit_rewards(policy_logps, ref_logps, mask, self.beta)
             seqs = mask.any(dim=-1)  # (B,)
-            metrics = {
-                "implicit/reward": masked_mean(seq_rewards, seqs),
-                "implicit/token_reward": masked_mean(token_rewards, mask),
-                "implicit/weight": masked_mean(weights, units),
-                "logps/policy": masked_mean(sequence_logps(policy_logps, mask), seqs),
-                "logps/ref": masked_mean(sequence_logps(ref_logps, mask), seqs),
-            }
-        return ObjectiveOutput(loss=loss, metrics=metrics)
+            metrics, metric_units = unit_means({
+                "implicit/reward": (seq_rewards, seqs),
+                "implicit/token_reward": (token_rewards, mask),
+                "implicit/weight": (weights, units),  # over the loss's units: sequences or tokens
+                "logps/policy": (sequence_logps(policy_logps, mask), seqs),
+                "logps/ref": (sequence_logps(ref_logps, mask), seqs),
+            })
+        return ObjectiveOutput(loss=loss, metrics=metrics, metric_units=metric_units)
 
 
 class TotalVariation(FDivergenceObjective):

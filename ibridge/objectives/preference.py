@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import ObjectiveOutput, PreferenceObjective, check_positive, check_real
+from .base import ObjectiveOutput, PreferenceObjective, check_positive, check_real, unit_means
 
 
 def _log_ratios(
@@ -72,17 +72,18 @@ def ipo_losses(
 
 def preference_metrics(
     chosen_rewards: Tensor, rejected_rewards: Tensor, policy_chosen: Tensor, policy_rejected: Tensor
-) -> dict[str, Tensor]:
-    """TRL-style metrics, detached scalars; all inputs (B,)."""
-    with torch.no_grad():
-        return {
-            "rewards/chosen": chosen_rewards.mean(),
-            "rewards/rejected": rejected_rewards.mean(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-            "logps/chosen": policy_chosen.detach().mean(),
-            "logps/rejected": policy_rejected.detach().mean(),
-        }
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """TRL-style metrics, detached scalars, each a mean over the batch's pairs, and their units
+    (the number of pairs; `unit_means`); all inputs (B,)."""
+    pairs = torch.ones_like(chosen_rewards, dtype=torch.bool)
+    return unit_means({
+        "rewards/chosen": (chosen_rewards, pairs),
+        "rewards/rejected": (rejected_rewards, pairs),
+        "rewards/margins": (chosen_rewards - rejected_rewards, pairs),
+        "rewards/accuracies": ((chosen_rewards > rejected_rewards).float(), pairs),
+        "logps/chosen": (policy_chosen, pairs),
+        "logps/rejected": (policy_rejected, pairs),
+    })
 
 
 class DPO(PreferenceObjective):
@@ -113,8 +114,8 @@ class DPO(PreferenceObjective):
             beta=self.beta,
             label_smoothing=self.label_smoothing,
         )
-        metrics = preference_metrics(chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
-        return ObjectiveOutput(loss=losses.mean(), metrics=metrics)
+        metrics, units = preference_metrics(chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
+        return ObjectiveOutput(loss=losses.mean(), metrics=metrics, metric_units=units)
 
 
 class CDPO(DPO):
@@ -142,5 +143,5 @@ class IPO(PreferenceObjective):
         losses, chosen_rewards, rejected_rewards = ipo_losses(
             policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=self.beta
         )
-        metrics = preference_metrics(chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
-        return ObjectiveOutput(loss=losses.mean(), metrics=metrics)
+        metrics, units = preference_metrics(chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
+        return ObjectiveOutput(loss=losses.mean(), metrics=metrics, metric_units=units)

@@ -35,7 +35,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import DemonstrationObjective, ObjectiveOutput, check_real, masked_mean
+from .base import DemonstrationObjective, ObjectiveOutput, check_real, masked_mean, unit_means
 from .fdivergence import implicit_rewards
 from .logprobs import sequence_logps
 
@@ -58,24 +58,25 @@ def prior_leaning_token_losses(policy_logps: Tensor, alpha: float) -> Tensor:
 
 def token_objective_metrics(
     policy_logps: Tensor, ref_logps: Tensor, mask: Tensor, weights: Tensor, beta: float
-) -> dict[str, Tensor]:
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """The metrics every demonstration objective logs (docs/objectives.md, "Logged metrics").
 
     All inputs (B, T) (mask bool); ``weights`` the per-token weight relative to SFT's gradient.
-    ``implicit/reward`` is ``beta · Σ_t log pi/pi_ref`` averaged over sequences.
+    ``implicit/reward`` is ``beta · Σ_t log pi/pi_ref`` averaged over sequences. Returns the
+    metrics and their units (sequences or scored tokens; `unit_means`).
     """
     with torch.no_grad():
         policy_logps, ref_logps = policy_logps.detach(), ref_logps.detach()
         token_rewards, seq_rewards = implicit_rewards(policy_logps, ref_logps, mask, beta)
         seqs = mask.any(dim=-1)  # (B,)
-        return {
-            "implicit/reward": masked_mean(seq_rewards, seqs),
-            "implicit/token_reward": masked_mean(token_rewards, mask),
-            "implicit/weight": masked_mean(weights.detach(), mask),
-            "logps/policy": masked_mean(sequence_logps(policy_logps, mask), seqs),
-            "logps/ref": masked_mean(sequence_logps(ref_logps, mask), seqs),
-            "train/nll_per_token": masked_mean(-policy_logps, mask),
-        }
+        return unit_means({
+            "implicit/reward": (seq_rewards, seqs),
+            "implicit/token_reward": (token_rewards, mask),
+            "implicit/weight": (weights, mask),
+            "logps/policy": (sequence_logps(policy_logps, mask), seqs),
+            "logps/ref": (sequence_logps(ref_logps, mask), seqs),
+            "train/nll_per_token": (-policy_logps, mask),
+        })
 
 
 class _TokenObjective(DemonstrationObjective):
@@ -95,8 +96,8 @@ class _TokenObjective(DemonstrationObjective):
         assert ref_logps is not None
         loss = masked_mean(self._token_losses(policy_logps), mask)
         weights = self._token_weights(policy_logps.detach())
-        metrics = token_objective_metrics(policy_logps, ref_logps, mask, weights, beta=1.0)
-        return ObjectiveOutput(loss=loss, metrics=metrics)
+        metrics, units = token_objective_metrics(policy_logps, ref_logps, mask, weights, beta=1.0)
+        return ObjectiveOutput(loss=loss, metrics=metrics, metric_units=units)
 
 
 class DFT(_TokenObjective):

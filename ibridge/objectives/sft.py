@@ -11,7 +11,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from .base import DemonstrationObjective, ObjectiveOutput, masked_mean
+from .base import DemonstrationObjective, ObjectiveOutput, masked_mean, unit_means
 from .logprobs import sequence_logps
 
 
@@ -37,8 +37,8 @@ class SFT(DemonstrationObjective):
         self._check_inputs(policy_logps, ref_logps, mask)
         loss = sft_loss(policy_logps, mask)
         seq = sequence_logps(policy_logps, mask).detach()  # (B,)
-        metrics = {
-            "logps/policy": masked_mean(seq, mask.any(dim=-1)),
-            "train/nll_per_token": loss.detach(),
-        }
-        return ObjectiveOutput(loss=loss, metrics=metrics)
+        metrics, units = unit_means({
+            "logps/policy": (seq, mask.any(dim=-1)),  # over sequences
+            "train/nll_per_token": (-policy_logps, mask),  # over scored tokens: the loss's value
+        })
+        return ObjectiveOutput(loss=loss, metrics=metrics, metric_units=units)
