@@ -22,6 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ibridge.config import JOBS, ConfigError, validate
+from ibridge.stage_inputs import StaleRunError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 log = logging.getLogger("ibridge")
@@ -168,6 +169,12 @@ def run(cfg: DictConfig) -> dict:
             log.error("config error: %s", err)
             return results
         print(f"ibridge: config error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except StaleRunError as err:  # nothing ran; results.json keeps what the earlier run wrote
+        if multirun:
+            log.error("stale run: %s", err)
+            return {**results, "status": "failed", "error": f"stale run: {err}"}
+        print(f"ibridge: stale run: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except Exception as err:  # the run is marked failed; a sweep's other cells go on
         from ibridge.data import DataError
