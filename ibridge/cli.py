@@ -133,6 +133,7 @@ def run(cfg: DictConfig) -> dict:
     from ibridge.distributed import barrier, shutdown
     from ibridge.io import write_json_atomic
     from ibridge.runtime import resolve_runtime
+    from ibridge.stage_settings import refuse_ignored
 
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -151,6 +152,7 @@ def run(cfg: DictConfig) -> dict:
 
     try:
         validate(cfg)
+        refuse_ignored(cfg, list(hydra_cfg.overrides.task))  # a key the job would not read (stage_settings.py)
         OmegaConf.resolve(cfg)
         runtime = resolve_runtime(cfg.trainer, cfg.model)
         main_process = runtime.dist.is_main

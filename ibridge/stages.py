@@ -33,6 +33,7 @@ from ibridge.objectives.logprobs import sequence_logps, token_logps
 from ibridge.packing import PackedForward, packing_supported, scored_logps
 from ibridge.refcache import cached_reference_logps
 from ibridge.stage_inputs import DPO_KINDS, SFT_KINDS, StageGuard
+from ibridge.stage_settings import stage_run_config
 from ibridge.training import OptimSettings, optimise
 
 log = logging.getLogger(__name__)
@@ -212,7 +213,8 @@ def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path
         pack_sequences=bool(cfg.trainer.get("pack_sequences", True)),
         optimizer=str(opt_cfg.get("optimizer", "adamw")),
     )
-    ctx.logger.start(stage, run_name or stage, {"stage": stage, "stage_objective": objective.name, "stage_lr": lr},
+    run_config = stage_run_config(cfg, stage, objective_cfg, lr, init_path, reference_path)
+    ctx.logger.start(stage, run_name or stage, config=run_config,
                      home=out_dir)  # keeps the run id: a resumed stage continues its wandb run
     model = load_trainable(init_path, ctx)
     inputs.record()  # from here a rerun resumes or skips this stage only with the same inputs
