@@ -22,9 +22,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ibridge.config import JOBS, ConfigError, validate
+from ibridge.paths import config_dir
 from ibridge.stage_inputs import StaleRunError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = config_dir()  # conf/ of a checkout, or ibridge/conf of an installed wheel
 log = logging.getLogger("ibridge")
 
 
@@ -110,6 +111,11 @@ def _check_overrides(args: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if "--version" in (sys.argv[1:] if argv is None else argv):  # ibridge's and its libraries', not Hydra's
+        from ibridge.versions import version_text
+
+        print(version_text())
+        return
     args = _default_grid(_split_job(sys.argv[1:] if argv is None else list(argv)))
     _check_overrides(args)
     sys.argv = [sys.argv[0] if sys.argv else "ibridge", *args]
