@@ -23,18 +23,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from ibridge.config import JOBS, ConfigError, validate
 from ibridge.paths import config_dir
+from ibridge.run_folders import folder_name, resolve_checkpoints
 from ibridge.stage_inputs import StaleRunError
 
 CONF_DIR = config_dir()  # conf/ of a checkout, or ibridge/conf of an installed wheel
 log = logging.getLogger("ibridge")
 
 
-def _dirname(overrides: str) -> str:
-    """A run folder name from Hydra's override_dirname: `default` when empty, no slashes."""
-    return (overrides or "default").replace("/", "_")
-
-
-OmegaConf.register_new_resolver("ibridge.dirname", _dirname, replace=True)
+# A run folder's name from Hydra's override_dirname, in characters that paste back into an override.
+OmegaConf.register_new_resolver("ibridge.dirname", folder_name, replace=True)
 
 
 # Hydra flags that take a value: the word after them is not a JOB (`--cfg job`).
@@ -157,6 +154,7 @@ def run(cfg: DictConfig) -> dict:
             write_json_atomic(run_dir / "results.json", payload)
 
     try:
+        resolve_checkpoints(cfg)  # checkpoint=<run folder>: the stage checkpoint in it (run_folders.py)
         validate(cfg)
         refuse_ignored(cfg, list(hydra_cfg.overrides.task))  # a key the job would not read (stage_settings.py)
         OmegaConf.resolve(cfg)
