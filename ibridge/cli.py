@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ibridge.config import JOBS, ConfigError, validate
 from ibridge.paths import config_dir
-from ibridge.run_folders import folder_name, resolve_checkpoints
+from ibridge.run_folders import folder_name, resolve_checkpoints, run_folder
 from ibridge.stage_inputs import StaleRunError
 
 CONF_DIR = config_dir()  # conf/ of a checkout, or ibridge/conf of an installed wheel
@@ -32,6 +32,8 @@ log = logging.getLogger("ibridge")
 
 # A run folder's name from Hydra's override_dirname, in characters that paste back into an override.
 OmegaConf.register_new_resolver("ibridge.dirname", folder_name, replace=True)
+# hydra.run.dir: outputs/<job>/<name>, or for `report` the reported sweep's report/<name>.
+OmegaConf.register_new_resolver("ibridge.run_folder", run_folder, replace=True)
 
 
 # Hydra flags that take a value: the word after them is not a JOB (`--cfg job`).
@@ -226,6 +228,7 @@ def config_fingerprint(cfg: DictConfig) -> str:
     plain = OmegaConf.to_container(cfg, resolve=True)
     for key in ("output_dir", "resume"):
         plain.pop(key, None)
+    (plain.get("report") or {}).pop("path", None)  # a report's folder is inside the sweep it names
     return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

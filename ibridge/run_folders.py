@@ -21,6 +21,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ibridge.config import ConfigError
+from ibridge.sweep_layout import REPORT_FOLDER
 
 log = logging.getLogger(__name__)
 
@@ -93,3 +94,33 @@ def resolve_checkpoints(cfg) -> None:
         if stage is not None:
             log.info("%s=%s: the %s stage's checkpoint, %s", key, value, stage, resolved)
             OmegaConf.update(cfg, key, str(resolved))
+
+
+# --------------------------------------------------------------------------- a sweep's report run
+
+SWEEPS_ROOT = Path("multirun")  # where `ibridge report` looks for the newest sweep (ibridge/jobs/report.py)
+
+
+def report_sweep(report_path) -> Path | None:
+    """The sweep `ibridge report` reads: ``report.path``, else the newest under multirun/;
+    None when there is none (the job then says so)."""
+    if report_path:
+        sweep = Path(str(report_path)).expanduser()
+        return sweep if sweep.is_dir() else None
+    from ibridge.analysis.runs import newest_sweep
+
+    try:
+        return newest_sweep(SWEEPS_ROOT)
+    except FileNotFoundError:
+        return None
+
+
+def run_folder(job: str, name: str, report_path=None) -> str:
+    """``hydra.run.dir``: ``outputs/<job>/<name>``, and for `report` ``<sweep>/report/<name>``, so
+    that each sweep's report run (and the wandb run id its run_log.json keeps) lives with that
+    sweep: reporting a second sweep never continues the first one's run (ibridge/sweep_layout.py)."""
+    if job == "report":
+        sweep = report_sweep(report_path)
+        if sweep is not None:
+            return str(sweep / REPORT_FOLDER / name)
+    return f"outputs/{job}/{name}"
