@@ -178,10 +178,13 @@ def run(cfg: DictConfig) -> dict:
             return results
         print(f"ibridge: config error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    except StaleRunError as err:  # nothing ran; results.json keeps what the earlier run wrote
-        if multirun:
+    except StaleRunError as err:  # nothing ran
+        if multirun:  # the cell is recorded failed, as the sweep's summary and report read it
+            results.update(status="failed", error=f"stale run: {err}")
+            write_results(results)
             log.error("stale run: %s", err)
-            return {**results, "status": "failed", "error": f"stale run: {err}"}
+            return results
+        # a single run's results.json keeps what the earlier run wrote; the message is on the terminal
         print(f"ibridge: stale run: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except Exception as err:  # the run is marked failed; a sweep's other cells go on

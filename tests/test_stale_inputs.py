@@ -173,3 +173,21 @@ def test_refusals_name_what_changed_and_what_to_do(tmp_path):
     # a finished stage without a record (an older ibridge wrote it) cannot be vouched for
     with pytest.raises(StaleRunError, match="did not record its inputs"):
         refuse_if_changed(tmp_path / "dpo", record, "dpo", tmp_path / "run", finished=True)
+
+
+@pytest.mark.slow
+def test_a_sweep_cell_whose_data_changed_is_recorded_as_stale(tmp_path, model_cache):
+    """Cells run again in the same sweep folder: each refuses and says so in its results.json,
+    which the sweep's summary and `ibridge report` read."""
+    write_demos(tmp_path / "demos.jsonl", RESPONSES)
+    sweep = ["-m", *[a for a in TRAIN if not a.startswith("hydra.")], "seed=0,1", "hydra.sweep.dir=sw"]
+    ibridge(sweep, tmp_path, model_cache)
+    write_demos(tmp_path / "demos.jsonl", [*RESPONSES[:-1], "1 2 0"])
+    proc = ibridge(sweep, tmp_path, model_cache)  # a sweep goes on past a failed cell: exit 0
+    cells = sorted((tmp_path / "sw").glob("*/results.json"))
+    assert len(cells) == 2
+    for path in cells:
+        results = json.loads(path.read_text())
+        assert results["status"] == "failed" and results["error"].startswith("stale run: sft in ")
+        assert "data.path: demos.jsonl changed" in results["error"]
+    assert proc.stdout.count("stale run") + proc.stderr.count("stale run") >= 2
