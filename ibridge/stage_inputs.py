@@ -222,7 +222,7 @@ def refuse_if_changed(folder: Path, current: dict, what: str, run_dir: Path, fin
     action = "skipped" if finished else "resumed"
     raise StaleRunError(
         f"{what} in {folder} {state} {why}; it is not {action}: rerun with resume=false to start over "
-        f"(the earlier run is kept as {Path(run_dir).name}.bak-<time>), or move {run_dir} aside"
+        f"(the earlier run is kept as {Path(run_dir).name}.bak-<time>), or delete {folder} to run only it again"
     )
 
 
