@@ -57,13 +57,14 @@ class StaleRunError(Exception):
 # --------------------------------------------------------------------------- what a unit read
 
 
-def _location_files(path: Path) -> dict[str, str]:
-    """sha256 of every data file a ``data.path`` / ``data.heldout_path`` may read, by name."""
+def _location_files(path: Path, cache_dir: Path | None = None) -> dict[str, str]:
+    """sha256 of every data file a ``data.path`` / ``data.heldout_path`` may read, by name (the
+    digest of a large file kept under `cache_dir`, never in the data folder)."""
     from ibridge.data.readers import data_files, is_saved_dataset
     from ibridge.fingerprint import content_hash
 
     if path.is_file():
-        return {path.name: content_hash(path)}
+        return {path.name: content_hash(path, cache_dir, beside=False)}
     if not path.is_dir():
         return {}
     if is_saved_dataset(path):  # arrow shards and their metadata, whatever their names
@@ -71,7 +72,7 @@ def _location_files(path: Path) -> dict[str, str]:
                        and not any(part.startswith(".") for part in p.relative_to(path).parts))
     else:
         files = data_files(path)
-    return {str(f.relative_to(path)): content_hash(f) for f in files}
+    return {str(f.relative_to(path)): content_hash(f, cache_dir, beside=False) for f in files}
 
 
 def hub_dataset_revision(name: str) -> str | None:
@@ -84,7 +85,7 @@ def hub_dataset_revision(name: str) -> str | None:
         return None
 
 
-def _provider_inputs(provider) -> tuple[str, dict]:
+def _provider_inputs(provider, cache_dir: Path | None = None) -> tuple[str, dict]:
     """``(config key, what it reads)`` for one data source (not a composite)."""
     world = getattr(provider, "world_config", None)
     if world is not None:  # the toy world: built from its config by this code
@@ -96,7 +97,7 @@ def _provider_inputs(provider) -> tuple[str, dict]:
     for field in ("path", "heldout_path"):
         location = getattr(provider, field, None)
         if location is not None:
-            record[field] = _location_files(Path(location))
+            record[field] = _location_files(Path(location), cache_dir)
     dataset = getattr(provider, "dataset", None)
     if dataset and getattr(provider, "path", None) is None:
         record["hub"] = {"dataset": str(dataset), "split": provider.split, "heldout_split": provider.heldout_split,
@@ -104,14 +105,14 @@ def _provider_inputs(provider) -> tuple[str, dict]:
     return key, record
 
 
-def data_inputs(source, kinds: tuple[str, ...]) -> dict:
+def data_inputs(source, kinds: tuple[str, ...], cache_dir: Path | None = None) -> dict:
     """What `source` reads for `kinds`, by the data config that supplies each of them."""
     out: dict = {}
     for kind in kinds:
         if kind not in getattr(source, "kinds", ()):
             continue
         provider = source.source_of(kind) if hasattr(source, "source_of") else source
-        key, record = _provider_inputs(provider)
+        key, record = _provider_inputs(provider, cache_dir)
         out[key] = record
     return out
 
@@ -148,7 +149,7 @@ def unit_inputs(ctx, kinds: tuple[str, ...], models: dict) -> dict:
     cache = cache_root(ctx.cfg.model)
     lora = bool(ctx.cfg.model.get("lora", {}).get("enabled", False))
     inputs = {
-        "data": data_inputs(ctx.source, kinds),
+        "data": data_inputs(ctx.source, kinds, cache),
         "models": {role: model_inputs(path, cache) for role, path in models.items() if path is not None},
         "code": code_inputs(lora),
     }

@@ -191,3 +191,20 @@ def test_a_sweep_cell_whose_data_changed_is_recorded_as_stale(tmp_path, model_ca
         assert results["status"] == "failed" and results["error"].startswith("stale run: sft in ")
         assert "data.path: demos.jsonl changed" in results["error"]
     assert proc.stdout.count("stale run") + proc.stderr.count("stale run") >= 2
+
+
+def test_a_large_data_files_digest_is_kept_in_the_cache_not_in_the_data_folder(tmp_path, monkeypatch):
+    """A sidecar .json beside the data would itself be read as data by a folder source."""
+    from ibridge import fingerprint, stage_inputs
+    from ibridge.stage_inputs import data_inputs
+
+    monkeypatch.setattr(fingerprint, "FULL_HASH_LIMIT", 16)  # every file counts as large
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_demos(folder / "train.jsonl", RESPONSES)
+    first = data_inputs(_source(folder), stage_inputs.SFT_KINDS, tmp_path / "cache")
+    assert sorted(p.name for p in folder.iterdir()) == ["train.jsonl"]
+    assert list((tmp_path / "cache").rglob("*.json"))  # the digest, kept once
+    assert data_inputs(_source(folder), stage_inputs.SFT_KINDS, tmp_path / "cache") == first
+    write_demos(folder / "train.jsonl", [*RESPONSES[:-1], "1 2"])  # new bytes, new stamp: hashed again
+    assert data_inputs(_source(folder), stage_inputs.SFT_KINDS, tmp_path / "cache") != first
