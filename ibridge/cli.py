@@ -22,17 +22,18 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ibridge.config import JOBS, ConfigError, validate
+from ibridge.paths import config_dir
+from ibridge.run_folders import folder_name, resolve_checkpoints, run_folder
+from ibridge.stage_inputs import StaleRunError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = config_dir()  # conf/ of a checkout, or ibridge/conf of an installed wheel
 log = logging.getLogger("ibridge")
 
 
-def _dirname(overrides: str) -> str:
-    """A run folder name from Hydra's override_dirname: `default` when empty, no slashes."""
-    return (overrides or "default").replace("/", "_")
-
-
-OmegaConf.register_new_resolver("ibridge.dirname", _dirname, replace=True)
+# A run folder's name from Hydra's override_dirname, in characters that paste back into an override.
+OmegaConf.register_new_resolver("ibridge.dirname", folder_name, replace=True)
+# hydra.run.dir: outputs/<job>/<name>, or for `report` the reported sweep's report/<name>.
+OmegaConf.register_new_resolver("ibridge.run_folder", run_folder, replace=True)
 
 
 # Hydra flags that take a value: the word after them is not a JOB (`--cfg job`).
@@ -109,6 +110,11 @@ def _check_overrides(args: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if "--version" in (sys.argv[1:] if argv is None else argv):  # ibridge's and its libraries', not Hydra's
+        from ibridge.versions import version_text
+
+        print(version_text())
+        return
     args = _default_grid(_split_job(sys.argv[1:] if argv is None else list(argv)))
     _check_overrides(args)
     sys.argv = [sys.argv[0] if sys.argv else "ibridge", *args]
@@ -132,6 +138,7 @@ def run(cfg: DictConfig) -> dict:
     from ibridge.distributed import barrier, shutdown
     from ibridge.io import write_json_atomic
     from ibridge.runtime import resolve_runtime
+    from ibridge.stage_settings import refuse_ignored
 
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -149,7 +156,9 @@ def run(cfg: DictConfig) -> dict:
             write_json_atomic(run_dir / "results.json", payload)
 
     try:
+        resolve_checkpoints(cfg)  # checkpoint=<run folder>: the stage checkpoint in it (run_folders.py)
         validate(cfg)
+        refuse_ignored(cfg, list(hydra_cfg.overrides.task))  # a key the job would not read (stage_settings.py)
         OmegaConf.resolve(cfg)
         runtime = resolve_runtime(cfg.trainer, cfg.model)
         main_process = runtime.dist.is_main
@@ -168,6 +177,15 @@ def run(cfg: DictConfig) -> dict:
             log.error("config error: %s", err)
             return results
         print(f"ibridge: config error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except StaleRunError as err:  # nothing ran
+        if multirun:  # the cell is recorded failed, as the sweep's summary and report read it
+            results.update(status="failed", error=f"stale run: {err}")
+            write_results(results)
+            log.error("stale run: %s", err)
+            return results
+        # a single run's results.json keeps what the earlier run wrote; the message is on the terminal
+        print(f"ibridge: stale run: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except Exception as err:  # the run is marked failed; a sweep's other cells go on
         from ibridge.data import DataError
@@ -213,6 +231,7 @@ def config_fingerprint(cfg: DictConfig) -> str:
     plain = OmegaConf.to_container(cfg, resolve=True)
     for key in ("output_dir", "resume"):
         plain.pop(key, None)
+    (plain.get("report") or {}).pop("path", None)  # a report's folder is inside the sweep it names
     return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -65,26 +65,28 @@ def _sha256(file: Path) -> str:
     return digest.hexdigest()
 
 
-def _sidecars(file: Path, cache_dir: Path | None) -> list[Path]:
+def _sidecars(file: Path, cache_dir: Path | None, beside: bool = True) -> list[Path]:
     """Where a large file's digest is kept, in order of preference: beside the weights (it travels
     with a folder copied with ``cp -a`` and serves every cache dir), then under the cache dir (a
-    read-only or shared folder). A symlink's folder (a hub snapshot) is not ours to write into."""
-    places = [] if file.is_symlink() else [file.with_name(file.name + SIDECAR_SUFFIX)]
+    read-only or shared folder). A symlink's folder (a hub snapshot) is not ours to write into,
+    nor a data folder (``beside=False``), where a ``.json`` sidecar would be read as data."""
+    places = [] if file.is_symlink() or not beside else [file.with_name(file.name + SIDECAR_SUFFIX)]
     if cache_dir is not None:
         name = hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:24]
         places.append(Path(cache_dir).expanduser() / "reflogps" / "hashes" / f"{name}.json")
     return places
 
 
-def content_hash(file: Path, cache_dir: Path | None = None) -> str:
+def content_hash(file: Path, cache_dir: Path | None = None, beside: bool = True) -> str:
     """sha256 of the file's bytes; above :data:`FULL_HASH_LIMIT` computed once per stamp and kept
-    in a sidecar, which is trusted only while the file's path and stamp are unchanged."""
+    in a sidecar, which is trusted only while the file's path and stamp are unchanged
+    (``beside=False``: only under `cache_dir`)."""
     file = Path(file)
     stamp = _file_stamp(file)
     if stamp["size"] <= FULL_HASH_LIMIT:
         return _sha256(file)
     record = {"file": str(file.resolve()), "stamp": stamp}
-    places = _sidecars(file, cache_dir)
+    places = _sidecars(file, cache_dir, beside)
     for place in places:
         try:
             stored = json.loads(place.read_text())

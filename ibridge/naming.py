@@ -2,7 +2,7 @@
 
 A pipeline's wandb runs are named ``<kind>-<cell tag>``: ``sft-jsd-lr1e-4-s0``,
 ``eval-dpo-jsd-lr1e-4-s0``, ``cell-jsd-lr1e-4-s0``. The tag holds the SFT objective,
-lr and seed, then every other override on the command line that changes what a
+lr and seed (for ``train`` of a preference stage, its objective and ``dpo.lr``), then every other override on the command line that changes what a
 run computes (``base1`` for ``model.pretrain.seed=1``, ``dpo.lr5e-4``, ``key=value``
 otherwise), so the runs of a sweep's cells never share a name.
 """
@@ -64,7 +64,10 @@ def cell_tag(cfg, overrides: list[str]) -> str:
         skip = ("checkpoint",)
     else:
         objective = OmegaConf.select(cfg, "objective.name", default="?")
-        parts = [str(objective), f"lr{fmt_lr(OmegaConf.select(cfg, 'lr', default='?'))}", f"s{cfg.seed}"]
+        lr = OmegaConf.select(cfg, "lr", default="?")
+        if OmegaConf.select(cfg, "job", default="pipeline") == "train" and _trains_preferences(cfg):
+            lr, skip = OmegaConf.select(cfg, "dpo.lr", default="?"), ("dpo.lr",)  # the stage's own lr
+        parts = [str(objective), f"lr{fmt_lr(lr)}", f"s{cfg.seed}"]
     for override in overrides:
         if "=" not in override:
             continue
@@ -72,6 +75,16 @@ def cell_tag(cfg, overrides: list[str]) -> str:
         if in_tag(key) and key.lstrip("+~") not in skip:
             parts.append(_short(key, value))
     return "-".join(parts)
+
+
+def _trains_preferences(cfg) -> bool:
+    """Whether `train` runs a preference stage (its lr is ``dpo.lr``: ibridge/stage_settings.py)."""
+    from ibridge.stage_settings import trained_stage
+
+    try:
+        return trained_stage(cfg) == "dpo"
+    except (ValueError, KeyError, AttributeError):  # an unknown objective: validation names it
+        return False
 
 
 def base_seed(cfg) -> int | None:

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from ibridge.data.collate import pad_sequences
 from ibridge.distributed import DistInfo, all_gather_objects, broadcast_from_main, shard_of
 from ibridge.fingerprint import model_fingerprint, numerics_fingerprint
+from ibridge.io import honour_umask
 from ibridge.models import load_model, reference_pass_dtype
 from ibridge.packing import PackedForward, scored_logps
 from ibridge.runtime import Runtime
@@ -193,6 +194,7 @@ def _write(file: Path, values: list[torch.Tensor]) -> None:
     os.close(fd)
     flat, lengths = _flat(values)
     save_file({"flat": flat, "lengths": torch.tensor(lengths, dtype=torch.long)}, tmp)
+    honour_umask(Path(tmp))  # save_file writes 0600: a shared cache must stay readable by the group
     os.replace(tmp, file)
 
 

@@ -34,6 +34,8 @@ from ibridge.objectives.logprobs import sequence_logps, token_logps
 from ibridge.packing import PackedForward, packing_supported, scored_logps
 from ibridge.refcache import cached_reference_logps
 from ibridge.resource_config import gradient_checkpointing
+from ibridge.stage_inputs import DPO_KINDS, SFT_KINDS, StageGuard
+from ibridge.stage_settings import stage_run_config
 from ibridge.training import OptimSettings, optimise
 
 log = logging.getLogger(__name__)
@@ -174,12 +176,16 @@ def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path
     cfg = ctx.cfg
     out_dir = Path(out_dir)
     done_marker = out_dir / STAGE_RECORD
-    if done_marker.is_file() and (out_dir / "checkpoint").is_dir():
-        log.info("%s: finished earlier (%s); skipping", stage, done_marker)
-        return json.loads(done_marker.read_text())
     reference_path = Path(reference_path or init_path)
     objective = build_objective(objective_cfg)
     kind = objective.data_kind
+    inputs = StageGuard(ctx, out_dir, stage, SFT_KINDS if kind == "demonstrations" else DPO_KINDS,
+                        {"init": init_path, "reference": reference_path})
+    if done_marker.is_file() and (out_dir / "checkpoint").is_dir():
+        inputs.refuse_if_changed(finished=True)  # a stale result is never skipped to
+        log.info("%s: finished earlier (%s); skipping", stage, done_marker)
+        return json.loads(done_marker.read_text())
+    inputs.refuse_if_changed(finished=False)
     tokenizer = load_tokenizer(init_path, ctx.runtime, cfg.model)
     pad = tokenizer.pad_token_id
     encoded, enc_stats = encode_split(tokenizer, ctx.source.examples(kind), kind, int(cfg.model.max_length))
@@ -204,9 +210,11 @@ def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path
         pack_sequences=bool(cfg.trainer.get("pack_sequences", True)),
         optimizer=str(opt_cfg.get("optimizer", "adamw")),
     )
-    ctx.logger.start(stage, run_name or stage, {"stage": stage, "stage_objective": objective.name, "stage_lr": lr},
+    run_config = stage_run_config(cfg, stage, objective_cfg, lr, init_path, reference_path)
+    ctx.logger.start(stage, run_name or stage, config=run_config,
                      home=out_dir)  # keeps the run id: a resumed stage continues its wandb run
     model = load_trainable(init_path, ctx)
+    inputs.record()  # from here a rerun resumes or skips this stage only with the same inputs
     collate = collate_demonstrations if kind == "demonstrations" else collate_pairs
     evaluate = drift_evaluator(ctx, tokenizer, reference_path) if kind == "demonstrations" else None
     reference = logits_reference(objective, reference_path, ctx.runtime, settings.pack_sequences)

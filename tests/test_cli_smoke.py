@@ -65,7 +65,7 @@ def test_generations_metrics_config_and_wandb(smoke_run):
 def test_train_one_dpo_stage_from_a_checkpoint(smoke_run, tmp_path, model_cache):
     results = json.loads((smoke_run / "results.json").read_text())
     sft_dir = results["stages"]["sft"]["checkpoint"]
-    ibridge(["train", "debug=smoke", "objective=dpo", "lr=1e-4", f"checkpoint={sft_dir}", "logger=none",
+    ibridge(["train", "debug=smoke", "objective=dpo", "dpo.lr=1e-4", f"checkpoint={sft_dir}", "logger=none",
              "hydra.run.dir=train_dpo"], tmp_path, model_cache)
     out = json.loads((tmp_path / "train_dpo" / "results.json").read_text())
     assert out["status"] == "completed" and out["stages"]["dpo"]["reference"] == sft_dir

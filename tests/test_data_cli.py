@@ -19,9 +19,9 @@ def test_sft_then_dpo_on_real_format_files_through_the_cli(tmp_path):
     chat_test = write_jsonl(tmp_path / "ultrachat_test.jsonl", ULTRACHAT_TEST)
     prefs = write_parquet(tmp_path / "ultrafeedback.parquet", ULTRAFEEDBACK)
     cache = tmp_path / "cache"
-    common = ["model=qwen2_5_0_5b", f"model.name_or_path={model}", "trainer=cpu", "logger=none", "lr=1e-2"]
+    common = ["model=qwen2_5_0_5b", f"model.name_or_path={model}", "trainer=cpu", "logger=none"]
 
-    ibridge(["train", *common, "objective=sft", "data=ultrachat", f"data.path={chat}",
+    ibridge(["train", *common, "objective=sft", "lr=1e-2", "data=ultrachat", f"data.path={chat}",
              f"data.heldout_path={chat_test}", "sft.max_steps=2", "sft.batch_size=2", "hydra.run.dir=sft"],
             tmp_path, cache)
     sft = json.loads((tmp_path / "sft" / "results.json").read_text())
@@ -30,7 +30,7 @@ def test_sft_then_dpo_on_real_format_files_through_the_cli(tmp_path):
     assert record["steps"] == 2 and record["examples"] == len(ULTRACHAT) and "kl_token" in record
     checkpoint = record["checkpoint"]
 
-    ibridge(["train", *common, "objective=dpo", "data=ultrafeedback", f"data.path={prefs}", "dpo.max_steps=2",
+    ibridge(["train", *common, "objective=dpo", "dpo.lr=1e-2", "data=ultrafeedback", f"data.path={prefs}", "dpo.max_steps=2",
              "dpo.batch_size=2", f"checkpoint={checkpoint}", "hydra.run.dir=dpo"], tmp_path, cache)
     dpo = json.loads((tmp_path / "dpo" / "results.json").read_text())
     assert dpo["status"] == "completed", dpo

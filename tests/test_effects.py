@@ -25,14 +25,14 @@ WIN = {
 def _sweep(root: Path) -> Path:
     for num, ((base, objective, lr, seed), win) in enumerate(WIN.items()):
         overrides = [f"model.pretrain.seed={base}", f"objective={objective}", f"lr={lr:g}", f"seed={seed}"]
-        folder = root / f"{num}_{','.join(overrides)}"
+        folder = root / f"{num}_{'+'.join(o.replace('=', '-', 1) for o in overrides)}"
         folder.mkdir(parents=True)
         (folder / "results.json").write_text(json.dumps({
             "status": "completed", "job": "pipeline", "overrides": overrides,
             "stages": {"sft": {"objective": objective, "lr": lr}},
             "eval_by_stage": {"dpo": {"win_rate": win, "gold_reward": win + 0.2}},
         }))
-    failed = root / "99_model.pretrain.seed=2,objective=jsd,lr=0.001,seed=1"
+    failed = root / "99_model.pretrain.seed-2+objective-jsd+lr-0.001+seed-1"
     failed.mkdir()
     (failed / "results.json").write_text(json.dumps({
         "status": "failed", "error": "boom", "overrides": ["model.pretrain.seed=2", "objective=jsd", "lr=0.001",

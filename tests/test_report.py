@@ -71,11 +71,11 @@ def make_sweep(root: Path) -> Path:
                 }
                 results["eval"] = results["eval_by_stage"]["dpo"]
                 config = f"seed: {seed}\nlr: {lr}\nobjective:\n  name: {objective}\n"
-                _write_run(sweep / f"{num}_{','.join(overrides)}", results, config)
+                _write_run(sweep / f"{num}_{'+'.join(o.replace('=', '-', 1) for o in overrides)}", results, config)
                 num += 1
     # Seed 2 of (sft, 1e-3) failed during DPO: SFT stage and its eval exist, no DPO.
     overrides = ["objective=sft", "lr=0.001", "seed=2"]
-    _write_run(sweep / f"{num}_{','.join(overrides)}", {
+    _write_run(sweep / f"{num}_{'+'.join(o.replace('=', '-', 1) for o in overrides)}", {
         "status": "failed", "error": OOM, "job": "pipeline", "overrides": overrides,
         "stages": {"sft": {"objective": "sft", "lr": 1e-3, "steps": 184}},
         "eval_by_stage": {"sft": _metrics("sft", 1e-3, 2, "sft")},
@@ -83,7 +83,7 @@ def make_sweep(root: Path) -> Path:
     num += 1
     # A cell that failed config validation: no config.yaml, no stages, no eval.
     overrides = ["objective=jsd", "lr=-1", "seed=0"]
-    _write_run(sweep / f"{num}_{','.join(overrides)}", {
+    _write_run(sweep / f"{num}_{'+'.join(o.replace('=', '-', 1) for o in overrides)}", {
         "status": "failed", "error": CONFIG_ERROR, "job": "pipeline", "overrides": overrides,
     }, None)
     return sweep
@@ -150,14 +150,14 @@ def test_failed_cell_shown_with_its_error(report):
     lines = [line for line in console.splitlines() if line.count("│") > 10]
     row = next(line for line in lines if _plain(line).split("│")[2].strip() == "-1")
     assert RED in row and "failed: config error:" in _plain(row)
-    assert f"failed 9_objective=jsd,lr=-1,seed=0: {CONFIG_ERROR}" in plain
+    assert f"failed 9_objective-jsd+lr--1+seed-0: {CONFIG_ERROR}" in plain
     cell = next(c for c in payload["cells"] if c["lr"] == -1.0)
     assert cell["status"] == "failed" and cell["error"] == CONFIG_ERROR and cell["metrics"] == {}
     # The partly failed cell keeps its two completed seeds and says one failed, with the error.
     partial = next(row for row in _table_rows(markdown) if row[:2] == ["sft", "0.001"])
     assert partial[2] == "0,1,2" and partial[3] == "2"
     assert partial[4] == "1/3 failed: " + OOM.replace("|", "\\|")
-    assert f"failed 8_objective=sft,lr=0.001,seed=2: {OOM}" in plain
+    assert f"failed 8_objective-sft+lr-0.001+seed-2: {OOM}" in plain
     ok_row = next(line for line in lines if _plain(line).split("│")[2].strip() == "0.0001")
     assert RED not in ok_row
 
@@ -184,7 +184,7 @@ def test_mean_and_stderr_by_hand(report):
 
 def test_single_seed_shows_just_the_mean(tmp_path):
     sweep = tmp_path / "sweep"
-    _write_run(sweep / "0_seed=0", {
+    _write_run(sweep / "0_seed-0", {
         "status": "completed", "job": "pipeline", "overrides": ["seed=0"],
         "stages": {"sft": {"objective": "sft", "lr": 1e-3}},
         "eval_by_stage": {"sft": _metrics("sft", 1e-3, 0, "sft"), "dpo": _metrics("sft", 1e-3, 0, "dpo")},
@@ -318,14 +318,14 @@ def test_newest_sweep(tmp_path):
     new = root / "2025-01-01" / "11-00-00"
     empty = root / "2025-01-02" / "08-00-00"  # newest folder, but no results yet
     for sweep in (old, new):
-        _write_run(sweep / "0_seed=0", {"status": "completed"}, None)
+        _write_run(sweep / "0_seed-0", {"status": "completed"}, None)
     empty.mkdir(parents=True)
-    os.utime(old / "0_seed=0" / "results.json", (1000, 1000))
+    os.utime(old / "0_seed-0" / "results.json", (1000, 1000))
     os.utime(old, (1000, 1000))
-    os.utime(new / "0_seed=0" / "results.json", (2000, 2000))
+    os.utime(new / "0_seed-0" / "results.json", (2000, 2000))
     os.utime(new, (2000, 2000))
     assert newest_sweep(root) == new
-    os.utime(old / "0_seed=0" / "results.json", (3000, 3000))
+    os.utime(old / "0_seed-0" / "results.json", (3000, 3000))
     assert newest_sweep(root) == old
     with pytest.raises(FileNotFoundError, match="does not exist"):
         newest_sweep(tmp_path / "nowhere")
@@ -337,7 +337,7 @@ def test_job(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="report.path=null"):
         report_job.run(ctx)
     sweep = tmp_path / "multirun" / "2025-01-01" / "09-00-00"
-    _write_run(sweep / "0_seed=0", {"status": "failed", "error": "boom", "overrides": ["seed=0"]}, None)
+    _write_run(sweep / "0_seed-0", {"status": "failed", "error": "boom", "overrides": ["seed=0"]}, None)
     monkeypatch.setattr("ibridge.analysis.report.Console", lambda **kwargs: Console(file=io.StringIO(), **kwargs))
     report_job.run(ctx)
     assert ctx.results["report"] == {

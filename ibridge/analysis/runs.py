@@ -23,6 +23,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from ibridge.sweep_layout import is_report_run
+
 __all__ = [
     "Cell", "Run", "build_cells", "fmt_lr", "load_runs", "lr_order", "newest_sweep", "one_line",
     "run_value", "select", "value_order", "varying_keys", "varying_label",
@@ -164,7 +166,11 @@ def load_runs(sweep_dir: Path) -> list[Run]:
     """Every run under `sweep_dir`: each results.json, and each Hydra job folder without one."""
     sweep_dir = Path(sweep_dir)
     runs = []
+    reports = set()
     for path in sorted(sweep_dir.rglob("results.json")):
+        if is_report_run(path.parent):  # the sweep's own report run, not a cell
+            reports.add(path.parent)
+            continue
         try:
             results = json.loads(path.read_text())
             if not isinstance(results, dict):
@@ -176,10 +182,12 @@ def load_runs(sweep_dir: Path) -> list[Run]:
         if status != "completed" and not error:
             error = f"status {status!r} without an error message"
         runs.append(Run(path.parent, status, error, **_identify(path.parent, results), results=results))
-    seen = {run.path for run in runs}
+    seen = {run.path for run in runs} | reports
     for path in sorted(sweep_dir.rglob("overrides.yaml")):
         run_dir = path.parent.parent
         if path.parent.name != ".hydra" or run_dir in seen or any(p in seen for p in run_dir.parents):
+            continue
+        if is_report_run(run_dir):  # a report running now
             continue
         error = "no results.json: the run was killed or is still running"
         runs.append(Run(run_dir, "incomplete", error, **_identify(run_dir, {}), results={}))
@@ -208,6 +216,8 @@ def newest_sweep(root: Path = Path("multirun")) -> Path:
         raise FileNotFoundError(f"{root}/ does not exist: run a sweep first (ibridge -m ...) or name one")
     latest: dict[Path, float] = {}
     for results_json in root.rglob("results.json"):
+        if is_report_run(results_json.parent):
+            continue
         sweep = _sweep_of(results_json, root)
         mtime = max(results_json.stat().st_mtime, sweep.stat().st_mtime)
         latest[sweep] = max(latest.get(sweep, mtime), mtime)

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ibridge.evaluation.stats import mean_and_stderr
+from ibridge.sweep_layout import is_report_run
 
 STAGES = ("base", "sft", "dpo")
 
@@ -24,6 +25,8 @@ STAGES = ("base", "sft", "dpo")
 def load_runs(folder: Path) -> list[tuple[Path, dict]]:
     runs = []
     for path in sorted(Path(folder).rglob("results.json")):
+        if is_report_run(path.parent):  # `ibridge report`'s own run in <sweep>/report/
+            continue
         runs.append((path.parent, json.loads(path.read_text())))
     return runs
 

@@ -7,6 +7,7 @@ import json
 from ibridge.distributed import all_reduce_sum
 from ibridge.evaluation.evaluate import evaluate_checkpoint
 from ibridge.io import write_json_atomic
+from ibridge.stage_inputs import EVAL_KINDS, StageGuard, judge_model
 
 # Columns of the `eval/generations` table, as generations.jsonl names them.
 TABLE_COLUMNS = ("prompt", "output", "reference", "reward", "reference_reward", "preference", "first_error")
@@ -55,7 +56,10 @@ def evaluate_stage(ctx, label: str, policy, reference) -> dict:
     # evaluation while the others ran it would pair their collectives off (a resumed
     # torchrun job deadlocked so).
     done_before = all_reduce_sum([float(info.is_main and marker.is_file())], info)[0] > 0
+    inputs = StageGuard(ctx, out_dir, f"the {label} evaluation", EVAL_KINDS if reference else EVAL_KINDS[:1],
+                        {"policy": policy, "reference": reference, "judge": judge_model(ctx.cfg)})
     if done_before:
+        inputs.refuse_if_changed(finished=True)  # a stale result is never skipped to
         return json.loads(marker.read_text()) if info.is_main else {}
     if info.is_main:
         ctx.logger.start("eval", ctx.run_name(f"eval-{label}"), {"evaluated": label}, home=out_dir)
@@ -69,6 +73,7 @@ def evaluate_stage(ctx, label: str, policy, reference) -> dict:
     if max_rows > 0 and (out_dir / "generations.jsonl").is_file():
         ctx.logger.log_table("eval/generations", *generations_table(out_dir / "generations.jsonl", max_rows), step=0)
     ctx.logger.finish()
+    inputs.record()
     write_json_atomic(marker, metrics)
     return metrics
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ibridge.cell import log_cell
 from ibridge.jobs.eval import evaluate_stage
+from ibridge.stage_inputs import StaleRunError
 from ibridge.stages import train_stage
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,8 @@ log = logging.getLogger(__name__)
 def run(ctx) -> None:
     try:
         _stages(ctx)
+    except StaleRunError:
+        raise  # nothing ran: the earlier cell run stays as it is
     except Exception as err:
         error = f"{type(err).__name__}: {err}"
         ctx.logger.fail(error)  # the stage's own run first

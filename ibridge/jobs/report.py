@@ -4,7 +4,8 @@ Trains nothing and loads no model: reads every results.json below
 ``report.path`` and writes report.md, report.json and PNGs into that folder
 (see :mod:`ibridge.analysis.report`). With wandb, a `report` run in the sweep's
 group holds the cells and paired-effects tables and the plots
-(:mod:`ibridge.analysis.wandb_report`).
+(:mod:`ibridge.analysis.wandb_report`). The job's own run folder, and so that run's
+id, is inside the sweep: ``<sweep>/report/<overrides>`` (:mod:`ibridge.sweep_layout`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ibridge.config import ConfigError
-
-SWEEPS_ROOT = Path("multirun")
+from ibridge.run_folders import SWEEPS_ROOT  # as the report run folder (run_folders.py) finds it
 
 
 def run(ctx) -> None:

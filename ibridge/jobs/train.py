@@ -1,8 +1,9 @@
-"""`ibridge train`: one stage; the objective decides which data it needs."""
+"""`ibridge train`: one stage; the objective decides which data it needs and which keys set it
+(``lr``/``sft.*`` or ``dpo.lr``/``dpo.*``: ibridge/stage_settings.py)."""
 
 from __future__ import annotations
 
-from ibridge.objectives import data_kind_of
+from ibridge.stage_settings import stage_lr, trained_stage
 from ibridge.stages import train_stage
 
 
@@ -10,12 +11,12 @@ def run(ctx) -> None:
     cfg = ctx.cfg
     init = ctx.checkpoint_or_base(cfg.checkpoint)
     reference = ctx.checkpoint_or_base(cfg.reference) if cfg.reference else init
-    stage = "sft" if data_kind_of(cfg.objective.name) == "demonstrations" else "dpo"
+    stage = trained_stage(cfg)
     record = train_stage(
         ctx,
         stage=stage,
         objective_cfg=cfg.objective,
-        lr=cfg.lr,
+        lr=stage_lr(cfg, stage),  # lr for demonstration stages, dpo.lr for preference stages
         opt_cfg=cfg[stage],
         init_path=init,
         reference_path=reference,
