@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import re
-import signal
 import sys
 import time
 import traceback
@@ -85,39 +84,36 @@ def _default_grid(args: list[str]) -> list[str]:
 def _check_overrides(args: list[str]) -> None:
     """Compose a single run's overrides first, so that an unknown key or option is a
     one-line error naming it (Hydra's own message spans several lines)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+    from ibridge.composing import compose, composition_errors, composition_message, task_overrides
 
     if any(arg.startswith("-") for arg in args) or any(_is_sweep_axis(arg) for arg in args):
-        return  # flags (--help, -m, --cfg) and sweeps are Hydra's to handle
-    overrides = [a for a in args if "=" in a and not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
+        return  # flags (--help, -m, --cfg) are Hydra's to handle; sweeps are checked per cell (ibridge.sweeps)
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            compose(config_name="config", overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as err:
-        text = f"{err}\n{err.__cause__ or ''}"
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        parts = [lines[0]] + [line for line in lines if line.startswith("Key ")]
-        if any(line.startswith("Available options") for line in lines):
-            start = next(i for i, line in enumerate(lines) if line.startswith("Available options")) + 1
-            end = next((i for i, line in enumerate(lines) if line.startswith("Config search path")), len(lines))
-            parts.append("valid options: " + ", ".join(lines[start:end]))
-        message = "; ".join(parts)
-        print(f"ibridge: config error: {message}", file=sys.stderr)
+        compose(CONF_DIR, task_overrides(args))
+    except composition_errors() as err:
+        print(f"ibridge: config error: {composition_message(err)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _default_grid(_split_job(sys.argv[1:] if argv is None else list(argv)))
-    _check_overrides(args)
-    sys.argv = [sys.argv[0] if sys.argv else "ibridge", *args]
-    _hydra_entry()
+    from ibridge.commandline import before_hydra, resume_first
+
+    try:
+        args = _default_grid(resume_first(_split_job(sys.argv[1:] if argv is None else list(argv))))
+        args = before_hydra(args, CONF_DIR)  # --help, completion, a sweep's checks and preview (may exit)
+        _check_overrides(args)
+        sys.argv = [sys.argv[0] if sys.argv else "ibridge", *args]
+        _hydra_entry()
+    except KeyboardInterrupt:  # outside a run (a run prints its own line): no traceback either
+        from ibridge.interrupts import EXIT_CTRL_C
+
+        print("ibridge: interrupted (Ctrl-C)", file=sys.stderr)
+        raise SystemExit(EXIT_CTRL_C) from None
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def _hydra_entry(cfg: DictConfig) -> None:
-    run(cfg)
+def _hydra_entry(cfg: DictConfig) -> dict:
+    return run(cfg)  # a sweep's callback reads it (a skipped cell: ibridge.summary.progress_line)
 
 
 def _group_name(hydra_cfg, run_dir: Path) -> str:
@@ -139,6 +135,8 @@ def run(cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     results: dict = {"status": "running", "job": cfg.job, "run_dir": str(run_dir),
                      "overrides": list(hydra_cfg.overrides.task)}
+    if hydra_cfg.runtime.choices.get("debug") not in (None, "none"):
+        results["debug"] = hydra_cfg.runtime.choices["debug"]  # its numbers are labelled as a smoke test
     started = time.time()
     main_process = True
     runtime = None
@@ -155,6 +153,13 @@ def run(cfg: DictConfig) -> dict:
         main_process = runtime.dist.is_main
         if main_process:
             prepare_run_dir(run_dir, cfg)
+        if multirun:
+            from ibridge.sweeps import completed_earlier
+
+            earlier = completed_earlier(run_dir)  # a cell of a resumed sweep that completed before
+            if earlier is not None:
+                failed = False
+                return {**earlier, "skipped": True}
         barrier(runtime.dist)
         identity = {"sweep": str(Path(hydra_cfg.sweep.dir).resolve()) if multirun else None}
         results.update(_run_job(cfg, run_dir, _group_name(hydra_cfg, run_dir), runtime, identity,
@@ -162,13 +167,26 @@ def run(cfg: DictConfig) -> dict:
         results["status"] = "completed"
         failed = False
     except ConfigError as err:
+        from ibridge.folders import discard_unused_run_dir, holds_a_run
+
         results.update(status="failed", error=f"config error: {err}")
-        write_results(results)
         if multirun:
+            if not holds_a_run(run_dir):  # never over the results of the run the folder holds
+                write_results(results)
             log.error("config error: %s", err)
             return results
+        discard_unused_run_dir(run_dir)  # a config error leaves no folder behind, nor touches an earlier run
         print(f"ibridge: config error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        from ibridge.interrupts import EXIT_CTRL_C, interrupted_line
+
+        results.update(status="failed", error="interrupted (Ctrl-C)")
+        if main_process:
+            (run_dir / "error.log").write_text(traceback.format_exc())
+        write_results({**results, "runtime_s": round(time.time() - started, 2)})
+        print(interrupted_line(run_dir, "interrupted (Ctrl-C)"), file=sys.stderr)
+        raise SystemExit(EXIT_CTRL_C) from None
     except Exception as err:  # the run is marked failed; a sweep's other cells go on
         from ibridge.data import DataError
         from ibridge.data.formatting import TemplateError
@@ -180,11 +198,16 @@ def run(cfg: DictConfig) -> dict:
         if main_process:
             (run_dir / "error.log").write_text(traceback.format_exc())
         write_results({**results, "runtime_s": round(time.time() - started, 2)})
-        if multirun and isinstance(err, StopRequested):
+        if isinstance(err, StopRequested):
             # SIGTERM stops the whole sweep. Hydra's launchers record an Exception as a
             # failed cell and start the next one; SystemExit is not an Exception.
-            log.error("%s; the sweep stops here", err)
-            raise SystemExit(128 + signal.SIGTERM) from None
+            from ibridge.interrupts import EXIT_SIGTERM, interrupted_line
+
+            if main_process:
+                print(interrupted_line(run_dir, str(err).split("; run the same")[0]), file=sys.stderr)
+            if multirun:
+                log.error("%s; the sweep stops here", err)
+            raise SystemExit(EXIT_SIGTERM) from None
         if multirun:
             log.error("run failed: %s (traceback in %s)", err, run_dir / "error.log")
             return results
@@ -198,6 +221,7 @@ def run(cfg: DictConfig) -> dict:
     results["runtime_s"] = round(time.time() - started, 2)
     write_results(results)
     if main_process:
+        (run_dir / "error.log").unlink(missing_ok=True)  # an earlier attempt's error no longer applies
         log.info("results: %s", run_dir / "results.json")
         if not multirun:  # a sweep prints one line per cell at its end (ibridge.summary.SweepSummary)
             from ibridge.summary import print_run
@@ -252,6 +276,7 @@ def prepare_run_dir(run_dir: Path, cfg: DictConfig) -> None:
 
 def _run_job(cfg: DictConfig, run_dir: Path, group: str, runtime, identity: dict | None = None,
              overrides: list[str] | None = None) -> dict:
+    from tqdm.contrib.logging import logging_redirect_tqdm
     from transformers.utils import logging as hf_logging
 
     from ibridge.data import source_for
@@ -270,7 +295,8 @@ def _run_job(cfg: DictConfig, run_dir: Path, group: str, runtime, identity: dict
     ctx = RunContext(cfg=cfg, run_dir=run_dir, runtime=runtime, logger=logger, source=source_for(cfg.data), tag=tag)
     log.info("job=%s run_dir=%s device=%s precision=%s", cfg.job, run_dir, runtime.device, runtime.precision)
     try:
-        JOB_FUNCTIONS[cfg.job](ctx)
+        with logging_redirect_tqdm():  # a log line clears the progress bar first, instead of breaking it
+            JOB_FUNCTIONS[cfg.job](ctx)
     except BaseException as err:
         try:
             logger.fail(err)  # the open wandb run ends with a non-zero exit code and the error

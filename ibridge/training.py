@@ -200,7 +200,8 @@ def optimise(
         # Every rank calls (under FSDP each takes part in gathering the state); rank 0 alone
         # writes it, and the others wait for it in save_state's barrier.
         if state_dir is not None:
-            extra = {"bookmark": bookmark() if bookmark and dist_info.is_main else {}, "tokens": tokens}
+            extra = {"bookmark": bookmark() if bookmark and dist_info.is_main else {}, "tokens": tokens,
+                     "runtime_s": earlier_runtime + time.perf_counter() - start}  # the whole stage's, so far
             save_state(state_dir, model, optimizer, scheduler, step, extra, sharded=gathered_states,
                        write=dist_info.is_main, info=dist_info)
 
@@ -208,6 +209,7 @@ def optimise(
     window: dict[str, list] = defaultdict(lambda: [0.0, 0.0])
     final: dict[str, float] = {}
     tokens = int(payload.get("tokens", 0))
+    earlier_runtime = float(payload.get("runtime_s", 0.0))  # training time before the saved state
     window_tokens = 0
     start = window_start = time.perf_counter()
     progress = tqdm(range(done + 1, total + 1), desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5,
@@ -275,8 +277,8 @@ def optimise(
     progress.close()
     model.eval()
     checksums = parameter_checksums(model, dist_info)
-    return StageSummary(steps=total, runtime_s=time.perf_counter() - start, tokens=tokens, final_metrics=final,
-                        resumed_from=done, rank_checksums=checksums)
+    return StageSummary(steps=total, runtime_s=earlier_runtime + time.perf_counter() - start, tokens=tokens,
+                        final_metrics=final, resumed_from=done, rank_checksums=checksums)
 
 
 def _window_means(window: dict[str, list[float]], dist_info) -> dict[str, float]:
