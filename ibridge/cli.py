@@ -21,6 +21,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ibridge.config import JOBS, ConfigError, validate
+from ibridge.folders import discard_unused_run_dir, holds_a_run
+from ibridge.sweeps import completed_earlier
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 log = logging.getLogger("ibridge")
@@ -123,6 +125,21 @@ def _group_name(hydra_cfg, run_dir: Path) -> str:
     return f"run-{run_dir.parent.name}-{run_dir.name}"
 
 
+def _refused(err: ConfigError, run_dir: Path, results: dict, write_results, multirun: bool) -> dict:
+    """A config error: a sweep's cell is recorded as failed and the sweep goes on; a single run
+    says it in one line and exits 2. Neither leaves a folder behind nor writes over the
+    results of a run the folder already holds."""
+    results.update(status="failed", error=f"config error: {err}")
+    if multirun:
+        if not holds_a_run(run_dir):
+            write_results(results)
+        log.error("config error: %s", err)
+        return results
+    discard_unused_run_dir(run_dir)
+    print(f"ibridge: config error: {err}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
 def run(cfg: DictConfig) -> dict:
     """Validate, run the job, and write results.json last, atomically (rank 0 only under DDP)."""
     from ibridge.distributed import barrier, shutdown
@@ -153,13 +170,9 @@ def run(cfg: DictConfig) -> dict:
         main_process = runtime.dist.is_main
         if main_process:
             prepare_run_dir(run_dir, cfg)
-        if multirun:
-            from ibridge.sweeps import completed_earlier
-
-            earlier = completed_earlier(run_dir)  # a cell of a resumed sweep that completed before
-            if earlier is not None:
-                failed = False
-                return {**earlier, "skipped": True}
+        if multirun and (earlier := completed_earlier(run_dir)) is not None:  # completed in an earlier attempt
+            failed = False
+            return {**earlier, "skipped": True}
         barrier(runtime.dist)
         identity = {"sweep": str(Path(hydra_cfg.sweep.dir).resolve()) if multirun else None}
         results.update(_run_job(cfg, run_dir, _group_name(hydra_cfg, run_dir), runtime, identity,
@@ -167,26 +180,12 @@ def run(cfg: DictConfig) -> dict:
         results["status"] = "completed"
         failed = False
     except ConfigError as err:
-        from ibridge.folders import discard_unused_run_dir, holds_a_run
-
-        results.update(status="failed", error=f"config error: {err}")
-        if multirun:
-            if not holds_a_run(run_dir):  # never over the results of the run the folder holds
-                write_results(results)
-            log.error("config error: %s", err)
-            return results
-        discard_unused_run_dir(run_dir)  # a config error leaves no folder behind, nor touches an earlier run
-        print(f"ibridge: config error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        return _refused(err, run_dir, results, write_results, multirun)
     except KeyboardInterrupt:
-        from ibridge.interrupts import EXIT_CTRL_C, interrupted_line
+        from ibridge.interrupts import EXIT_CTRL_C, stop_run
 
-        results.update(status="failed", error="interrupted (Ctrl-C)")
-        if main_process:
-            (run_dir / "error.log").write_text(traceback.format_exc())
-        write_results({**results, "runtime_s": round(time.time() - started, 2)})
-        print(interrupted_line(run_dir, "interrupted (Ctrl-C)"), file=sys.stderr)
-        raise SystemExit(EXIT_CTRL_C) from None
+        results.update(status="failed", error="interrupted (Ctrl-C)", runtime_s=round(time.time() - started, 2))
+        stop_run(run_dir, results, write_results, main_process, "interrupted (Ctrl-C)", EXIT_CTRL_C)
     except Exception as err:  # the run is marked failed; a sweep's other cells go on
         from ibridge.data import DataError
         from ibridge.data.formatting import TemplateError
@@ -201,13 +200,9 @@ def run(cfg: DictConfig) -> dict:
         if isinstance(err, StopRequested):
             # SIGTERM stops the whole sweep. Hydra's launchers record an Exception as a
             # failed cell and start the next one; SystemExit is not an Exception.
-            from ibridge.interrupts import EXIT_SIGTERM, interrupted_line
+            from ibridge.interrupts import EXIT_SIGTERM, stop_run
 
-            if main_process:
-                print(interrupted_line(run_dir, str(err).split("; run the same")[0]), file=sys.stderr)
-            if multirun:
-                log.error("%s; the sweep stops here", err)
-            raise SystemExit(EXIT_SIGTERM) from None
+            stop_run(run_dir, None, write_results, main_process, str(err).split("; run the same")[0], EXIT_SIGTERM)
         if multirun:
             log.error("run failed: %s (traceback in %s)", err, run_dir / "error.log")
             return results

@@ -169,6 +169,13 @@ def help_text(conf_dir: Path, overrides: list[str], width: int) -> str:
     plain = {k: plain[k] for k in [*[k for k in main_keys if k in plain], *[k for k in plain if k not in main_keys]]}
     sources = _sources(conf_dir, choices)
     lines += ["", "Options (key = current value, then what it does):"]
-    for key, value in _leaves(plain):
-        lines += _entry(f"{key} = {_value(value)}", _comment(key, sources), width)
+    leaves = list(_leaves(plain))
+    siblings: dict[str, int] = {}
+    for key, _ in leaves:
+        siblings[key.rpartition(".")[0]] = siblings.get(key.rpartition(".")[0], 0) + 1
+    for key, value in leaves:
+        parent = key.rpartition(".")[0]
+        # A section's comment describes its only key (`report:` above `path:`).
+        comment = _comment(key, sources) or (_comment(parent, sources) if parent and siblings[parent] == 1 else "")
+        lines += _entry(f"{key} = {_value(value)}", comment, width)
     return "\n".join(lines)

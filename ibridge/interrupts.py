@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
+import traceback
 from pathlib import Path
 
 from ibridge.checkpointing import STATE_FILE
@@ -44,3 +46,16 @@ def interrupted_line(run_dir: Path, what: str) -> str:
     """The one line printed when `what` (``interrupted (Ctrl-C)``, a stop message) ended a run."""
     return (f"ibridge: {what}; run the same command to resume ({saved_progress(run_dir)}); "
             f"details in {Path(run_dir) / 'error.log'}")
+
+
+def stop_run(run_dir: Path, results: dict | None, write_results, main_process: bool, what: str,
+             exit_code: int) -> None:
+    """End a run that was interrupted: its traceback to ``error.log`` and `results` (unless
+    already written) to results.json on rank 0, the one line on the terminal, and the exit
+    code. A sweep stops with it (SystemExit is not an Exception Hydra's launchers catch)."""
+    if main_process:
+        if results is not None:
+            (Path(run_dir) / "error.log").write_text(traceback.format_exc())
+            write_results(results)
+        print(interrupted_line(run_dir, what), file=sys.stderr)
+    raise SystemExit(exit_code) from None
