@@ -42,4 +42,4 @@ def prepare_query(jobs: tuple[str, ...]) -> None:
     rewritten, offered = rewrite_line(line, jobs)
     os.environ["COMP_LINE"] = rewritten
     if offered:
-        print(" ".join(offered))
+        print("\n".join(offered))  # one a line: bash (compgen -W) and fish both read that

@@ -46,8 +46,10 @@ def pipeline_results(run_dir: str = LONG_PATH) -> dict:
 
 
 def check_fits(text: str, width: int = 80) -> None:
+    """Every line fits, but for a path (or a command with one) printed whole on a line of its own."""
     for line in text.splitlines():
-        assert len(line.rstrip()) <= width or line.strip().startswith("/"), f"{len(line)}: {line}"
+        whole_path = line.startswith("    ") and "/" in line
+        assert len(line.rstrip()) <= width or whole_path, f"{len(line)}: {line}"
 
 
 def test_a_run_table_fits_80_columns_and_keeps_every_number_whole():
