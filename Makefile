@@ -20,6 +20,8 @@ $(BIN)/ibridge: pyproject.toml setup.py
 	@touch $@
 
 setup: $(BIN)/ibridge  ## create .venv and install ibridge with its dev tools
+	@echo "ibridge is installed in $(VENV). Next: source $(VENV)/bin/activate && ibridge debug=smoke"
+	@echo "(or without activating: $(BIN)/ibridge debug=smoke; tab completion: eval \"\$$(ibridge -sc install=bash)\")"
 
 # DeepSpeed's source package imports torch to build, so it installs without build
 # isolation, after torch (a build-isolated install would pull a CUDA torch).

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import re
-import signal
 import sys
 import time
 import traceback
@@ -22,9 +21,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ibridge.config import JOBS, ConfigError, validate
+from ibridge.folders import discard_unused_run_dir, holds_a_run
 from ibridge.paths import config_dir
 from ibridge.run_folders import folder_name, resolve_checkpoints, run_folder
 from ibridge.stage_inputs import StaleRunError
+from ibridge.sweeps import completed_earlier
 
 CONF_DIR = config_dir()  # conf/ of a checkout, or ibridge/conf of an installed wheel
 log = logging.getLogger("ibridge")
@@ -86,26 +87,14 @@ def _default_grid(args: list[str]) -> list[str]:
 def _check_overrides(args: list[str]) -> None:
     """Compose a single run's overrides first, so that an unknown key or option is a
     one-line error naming it (Hydra's own message spans several lines)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+    from ibridge.composing import compose, composition_errors, composition_message, task_overrides
 
     if any(arg.startswith("-") for arg in args) or any(_is_sweep_axis(arg) for arg in args):
-        return  # flags (--help, -m, --cfg) and sweeps are Hydra's to handle
-    overrides = [a for a in args if "=" in a and not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
+        return  # flags (--help, -m, --cfg) are Hydra's to handle; sweeps are checked per cell (ibridge.sweeps)
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            compose(config_name="config", overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as err:
-        text = f"{err}\n{err.__cause__ or ''}"
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        parts = [lines[0]] + [line for line in lines if line.startswith("Key ")]
-        if any(line.startswith("Available options") for line in lines):
-            start = next(i for i, line in enumerate(lines) if line.startswith("Available options")) + 1
-            end = next((i for i, line in enumerate(lines) if line.startswith("Config search path")), len(lines))
-            parts.append("valid options: " + ", ".join(lines[start:end]))
-        message = "; ".join(parts)
-        print(f"ibridge: config error: {message}", file=sys.stderr)
+        compose(CONF_DIR, task_overrides(args))
+    except composition_errors() as err:
+        print(f"ibridge: config error: {composition_message(err)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -115,15 +104,24 @@ def main(argv: list[str] | None = None) -> None:
 
         print(version_text())
         return
-    args = _default_grid(_split_job(sys.argv[1:] if argv is None else list(argv)))
-    _check_overrides(args)
-    sys.argv = [sys.argv[0] if sys.argv else "ibridge", *args]
-    _hydra_entry()
+    from ibridge.commandline import before_hydra, resume_first
+
+    try:
+        args = _default_grid(resume_first(_split_job(sys.argv[1:] if argv is None else list(argv))))
+        args = before_hydra(args, CONF_DIR)  # --help, completion, a sweep's checks and preview (may exit)
+        _check_overrides(args)
+        sys.argv = [sys.argv[0] if sys.argv else "ibridge", *args]
+        _hydra_entry()
+    except KeyboardInterrupt:  # outside a run (a run prints its own line): no traceback either
+        from ibridge.interrupts import EXIT_CTRL_C
+
+        print("ibridge: interrupted (Ctrl-C)", file=sys.stderr)
+        raise SystemExit(EXIT_CTRL_C) from None
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def _hydra_entry(cfg: DictConfig) -> None:
-    run(cfg)
+def _hydra_entry(cfg: DictConfig) -> dict:
+    return run(cfg)  # a sweep's callback reads it (a skipped cell: ibridge.summary.progress_line)
 
 
 def _group_name(hydra_cfg, run_dir: Path) -> str:
@@ -131,6 +129,21 @@ def _group_name(hydra_cfg, run_dir: Path) -> str:
         sweep = Path(hydra_cfg.sweep.dir).resolve()  # `hydra.sweep.dir=sw` still names its parent
         return f"sweep-{sweep.parent.name}-{sweep.name}"
     return f"run-{run_dir.parent.name}-{run_dir.name}"
+
+
+def _refused(err: ConfigError, run_dir: Path, results: dict, write_results, multirun: bool) -> dict:
+    """A config error: a sweep's cell is recorded as failed and the sweep goes on; a single run
+    says it in one line and exits 2. Neither leaves a folder behind nor writes over the
+    results of a run the folder already holds."""
+    results.update(status="failed", error=f"config error: {err}")
+    if multirun:
+        if not holds_a_run(run_dir):
+            write_results(results)
+        log.error("config error: %s", err)
+        return results
+    discard_unused_run_dir(run_dir)
+    print(f"ibridge: config error: {err}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 def run(cfg: DictConfig) -> dict:
@@ -146,6 +159,8 @@ def run(cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     results: dict = {"status": "running", "job": cfg.job, "run_dir": str(run_dir),
                      "overrides": list(hydra_cfg.overrides.task)}
+    if hydra_cfg.runtime.choices.get("debug") not in (None, "none"):
+        results["debug"] = hydra_cfg.runtime.choices["debug"]  # its numbers are labelled as a smoke test
     started = time.time()
     main_process = True
     runtime = None
@@ -164,6 +179,9 @@ def run(cfg: DictConfig) -> dict:
         main_process = runtime.dist.is_main
         if main_process:
             prepare_run_dir(run_dir, cfg)
+        if multirun and (earlier := completed_earlier(run_dir)) is not None:  # completed in an earlier attempt
+            failed = False
+            return {**earlier, "skipped": True}
         barrier(runtime.dist)
         identity = {"sweep": str(Path(hydra_cfg.sweep.dir).resolve()) if multirun else None}
         results.update(_run_job(cfg, run_dir, _group_name(hydra_cfg, run_dir), runtime, identity,
@@ -171,13 +189,7 @@ def run(cfg: DictConfig) -> dict:
         results["status"] = "completed"
         failed = False
     except ConfigError as err:
-        results.update(status="failed", error=f"config error: {err}")
-        write_results(results)
-        if multirun:
-            log.error("config error: %s", err)
-            return results
-        print(f"ibridge: config error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        return _refused(err, run_dir, results, write_results, multirun)
     except StaleRunError as err:  # nothing ran
         if multirun:  # the cell is recorded failed, as the sweep's summary and report read it
             results.update(status="failed", error=f"stale run: {err}")
@@ -187,6 +199,11 @@ def run(cfg: DictConfig) -> dict:
         # a single run's results.json keeps what the earlier run wrote; the message is on the terminal
         print(f"ibridge: stale run: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        from ibridge.interrupts import EXIT_CTRL_C, stop_run
+
+        results.update(status="failed", error="interrupted (Ctrl-C)", runtime_s=round(time.time() - started, 2))
+        stop_run(run_dir, results, write_results, main_process, "interrupted (Ctrl-C)", EXIT_CTRL_C)
     except Exception as err:  # the run is marked failed; a sweep's other cells go on
         from ibridge.data import DataError
         from ibridge.data.formatting import TemplateError
@@ -198,11 +215,12 @@ def run(cfg: DictConfig) -> dict:
         if main_process:
             (run_dir / "error.log").write_text(traceback.format_exc())
         write_results({**results, "runtime_s": round(time.time() - started, 2)})
-        if multirun and isinstance(err, StopRequested):
+        if isinstance(err, StopRequested):
             # SIGTERM stops the whole sweep. Hydra's launchers record an Exception as a
             # failed cell and start the next one; SystemExit is not an Exception.
-            log.error("%s; the sweep stops here", err)
-            raise SystemExit(128 + signal.SIGTERM) from None
+            from ibridge.interrupts import EXIT_SIGTERM, stop_run
+
+            stop_run(run_dir, None, write_results, main_process, str(err).split("; run the same")[0], EXIT_SIGTERM)
         if multirun:
             log.error("run failed: %s (traceback in %s)", err, run_dir / "error.log")
             return results
@@ -216,6 +234,7 @@ def run(cfg: DictConfig) -> dict:
     results["runtime_s"] = round(time.time() - started, 2)
     write_results(results)
     if main_process:
+        (run_dir / "error.log").unlink(missing_ok=True)  # an earlier attempt's error no longer applies
         log.info("results: %s", run_dir / "results.json")
         if not multirun:  # a sweep prints one line per cell at its end (ibridge.summary.SweepSummary)
             from ibridge.summary import print_run
@@ -271,6 +290,7 @@ def prepare_run_dir(run_dir: Path, cfg: DictConfig) -> None:
 
 def _run_job(cfg: DictConfig, run_dir: Path, group: str, runtime, identity: dict | None = None,
              overrides: list[str] | None = None) -> dict:
+    from tqdm.contrib.logging import logging_redirect_tqdm
     from transformers.utils import logging as hf_logging
 
     from ibridge.data import source_for
@@ -289,7 +309,8 @@ def _run_job(cfg: DictConfig, run_dir: Path, group: str, runtime, identity: dict
     ctx = RunContext(cfg=cfg, run_dir=run_dir, runtime=runtime, logger=logger, source=source_for(cfg.data), tag=tag)
     log.info("job=%s run_dir=%s device=%s precision=%s", cfg.job, run_dir, runtime.device, runtime.precision)
     try:
-        JOB_FUNCTIONS[cfg.job](ctx)
+        with logging_redirect_tqdm():  # a log line clears the progress bar first, instead of breaking it
+            JOB_FUNCTIONS[cfg.job](ctx)
     except BaseException as err:
         try:
             logger.fail(err)  # the open wandb run ends with a non-zero exit code and the error

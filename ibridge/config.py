@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
-JOBS = ("pipeline", "train", "eval", "qlogit", "report", "dashboard")
+JOBS = ("pipeline", "train", "eval", "qlogit", "report", "dashboard", "export")
 STAGE_KEYS = ("sft", "dpo")
 
 
@@ -83,12 +83,28 @@ def _paths_exist(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value}: no such file or folder")
 
 
+def _kind_hint(cfg: DictConfig, missing: set[str]) -> str:
+    """How to supply the missing kind: a local file says its kind in ``data.examples``
+    (default demonstrations), and a pipeline takes its other kind from ``data.<kind>_from``."""
+    if OmegaConf.select(cfg, "data.examples", default=None) is None:
+        return ""
+    kind = sorted(missing)[0]
+    hint = f"; if data.path holds {kind}, set data.examples={kind}"
+    if cfg.job == "pipeline":
+        hint += (f"; a pipeline needs both kinds: give the {kind} as "
+                 f"'+data.{kind}_from={{kind: jsonl, examples: {kind}, path: <file>}}' (docs/real_setting.md)")
+    return hint
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError for the first invalid setting of `cfg`."""
     from ibridge.objectives import data_kind_of
 
     if cfg.job not in JOBS:
         raise ConfigError(f"job={cfg.job!r}: expected one of {', '.join(JOBS)}")
+    seed = OmegaConf.select(cfg, "seed")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:  # 1.5 would be truncated silently
+        raise ConfigError(f"seed={seed!r}: expected an integer >= 0")
     _positive(cfg, "lr")
     _positive(cfg, "dpo.lr")
     _objective_errors(OmegaConf.to_container(cfg.objective, resolve=True), "objective")
@@ -143,6 +159,11 @@ def validate(cfg: DictConfig) -> None:
     if not 0 <= warmup < 1:
         raise ConfigError(f"schedule.warmup_ratio={warmup!r}: expected a number in [0, 1)")
 
+    from ibridge.wandb_check import online_problem
+
+    problem = online_problem(OmegaConf.select(cfg, "logger", default=None))
+    if problem:  # wandb would find out only after the model loaded, in a long traceback
+        raise ConfigError(problem)
     if cfg.judge.name == "reward_model" and OmegaConf.is_missing(cfg.judge, "path"):
         raise ConfigError("judge.path is not set: expected a reward model's hub name or local folder")
 
@@ -165,9 +186,13 @@ def validate(cfg: DictConfig) -> None:
         if missing:
             raise ConfigError(
                 f"objective={cfg.objective.name} needs {', '.join(sorted(missing))} but "
-                f"data={cfg.data.kind} provides {', '.join(sorted(provided))}"
+                f"data={cfg.data.kind} provides {', '.join(sorted(provided))}{_kind_hint(cfg, missing)}"
             )
-    if cfg.job in ("report", "qlogit", "dashboard"):
+    if cfg.job == "export":
+        from ibridge.jobs.export import check
+
+        check(cfg)
+    if cfg.job in ("report", "qlogit", "dashboard", "export"):
         return
     if cfg.job == "eval" and "eval" not in provided:
         raise ConfigError(f"data={cfg.data.kind} has no evaluation prompts; eval needs data=toy")

@@ -7,9 +7,7 @@ only (never pickle).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
@@ -167,16 +165,13 @@ def toy_base_key(model_cfg, world_config) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
-@contextlib.contextmanager
 def _file_lock(path: Path):
-    """Exclusive lock, so parallel sweep cells build the base model once."""
+    """Exclusive lock (filelock: released when its holder dies), so parallel sweep cells and
+    ranks build the base model once."""
+    from filelock import FileLock
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return FileLock(str(path))
 
 
 def ensure_toy_base(model_cfg, world_config, runtime: Runtime) -> Path:

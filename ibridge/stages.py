@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ibridge.adapters import ADAPTER_DIR, save_adapter
 from ibridge.data.collate import collate_demonstrations, collate_pairs
 from ibridge.data.formatting import IGNORE_INDEX, encode_split
 from ibridge.device_memory import release_memory
@@ -248,6 +249,10 @@ def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path
         record["distributed"] = ctx.runtime.dist.mode
         record["rank_checksums"] = summary.rank_checksums
     del reference  # the training step's reference model, if any
+    if lora_enabled(cfg.model):  # the adapters alone too, before they are merged away
+        record["adapter"] = str(out_dir / ADAPTER_DIR)
+        if ctx.runtime.dist.is_main:
+            save_adapter(model, out_dir / ADAPTER_DIR)
     model = merged(model, init_path, ctx.runtime)  # LoRA: the merged fp32 model, the next stage's reference
     record["checkpoint"] = str(out_dir / "checkpoint")
     weights = full_model_state(model, ctx.runtime.dist)  # FSDP: gathered on rank 0 (every rank calls)

@@ -204,7 +204,8 @@ def optimise(
         # writes it, and the others wait for it in save_state's barrier.
         if state_dir is not None and step > schedule.last_saved:
             extra = {"bookmark": bookmark() if bookmark and dist_info.is_main else {}, "tokens": tokens,
-                     "window": window_totals(window, dist_info)}
+                     "window": window_totals(window, dist_info),
+                     "runtime_s": earlier_runtime + time.perf_counter() - start}  # the whole stage's, so far
             save_state(state_dir, model, optimizer, scheduler, step, extra, sharded=gathered_states,
                        write=dist_info.is_main, info=dist_info)
             schedule.saved(step)
@@ -215,6 +216,7 @@ def optimise(
     restore_window(window, payload.get("window"), dist_info)
     final: dict[str, float] = {}
     tokens = int(payload.get("tokens", 0))
+    earlier_runtime = float(payload.get("runtime_s", 0.0))  # training time before the saved state
     window_tokens = 0
     start = window_start = time.perf_counter()
     progress = tqdm(range(done + 1, total + 1), desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5,
@@ -291,8 +293,8 @@ def optimise(
     checksums = parameter_checksums(model, dist_info)
     if hasattr(updater, "close"):
         updater.close()  # DeepSpeed's engine: its memory goes with the model (ibridge/zero.py)
-    return StageSummary(steps=total, runtime_s=time.perf_counter() - start, tokens=tokens, final_metrics=final,
-                        resumed_from=done, rank_checksums=checksums)
+    return StageSummary(steps=total, runtime_s=earlier_runtime + time.perf_counter() - start, tokens=tokens,
+                        final_metrics=final, resumed_from=done, rank_checksums=checksums)
 
 
 def _window_means(window: dict[str, list[float]], dist_info) -> dict[str, float]:

@@ -81,7 +81,7 @@ def test_bad_lr_is_a_one_line_error_before_any_model_loads(tmp_path, model_cache
     proc = ibridge(["train", "lr=-1", "hydra.run.dir=bad"], tmp_path, model_cache, check=False)
     assert proc.returncode == 2
     assert "lr=-1" in proc.stderr and "config error" in proc.stderr
-    assert not (tmp_path / "bad" / "sft").exists()
+    assert not (tmp_path / "bad").exists()  # no run folder left behind
 
 
 def test_unknown_key_and_option_are_one_line_errors(tmp_path, model_cache):

@@ -31,3 +31,16 @@ def test_lora_pipeline_merges_and_uses_the_sft_model_as_dpo_reference(tmp_path, 
     first = next(r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["stage"] == "dpo")
     assert first["step"] == 1
     assert abs(first["rewards/chosen"]) < 1e-5 and abs(first["rewards/rejected"]) < 1e-5
+    # The adapters alone are saved too (peft's format), and applied to the base they give the
+    # merged checkpoint: the same weights, up to float rounding of the merge.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = Path(sft["adapter"])
+    assert adapter == tmp_path / "run" / "sft" / "adapter" and (adapter / "adapter_model.safetensors").is_file()
+    assert not list(adapter.glob("*.bin")), "adapters must be safetensors only"
+    rebuilt = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sft["init"]), str(adapter))
+    rebuilt = rebuilt.merge_and_unload().state_dict()
+    for key, value in merged_sft.items():
+        torch.testing.assert_close(rebuilt[key], value, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(rebuilt[k], base[k]) for k in base)

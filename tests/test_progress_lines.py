@@ -8,17 +8,25 @@ import re
 
 def test_a_progress_line_per_finished_cell(two_cell_sweep):
     out = (two_cell_sweep.parent / "stdout.txt").read_text()
-    lines = [line for line in out.splitlines() if line.startswith("ibridge: cell #")]
-    assert len(lines) == 2, out[-2000:]
-    for num, line in enumerate(lines):
-        # in the order the cells ran, each with its status, time, overrides and its own post-DPO numbers
-        match = re.match(rf"ibridge: cell #{num} completed in [\d.]+ s \(sweep [\d.]+ (s|min)\): (\S+) \| "
+    all_lines = out.splitlines()
+    starts = [i for i, line in enumerate(all_lines) if line.startswith("ibridge: cell #")]
+    assert len(starts) == 2, out[-2000:]
+    for num, start in enumerate(starts):
+        # in the order the cells ran, each with its status, time and its own post-DPO numbers, then
+        # its overrides on the next line (80 columns: lines wrap between words, indented)
+        end = next(i for i in range(start + 1, len(all_lines)) if all_lines[i].startswith("    debug=smoke"))
+        line = " ".join([all_lines[start]] + [part.strip() for part in all_lines[start + 1:end]])  # wrapped at 80
+        match = re.match(rf"ibridge: cell #{num} completed in ([\d.]+) s \(sweep [\d.]+ (s|min)\) \| "
                          r"dpo win rate ([\d.]+), gold ([\d.]+)$", line)
         assert match, line
+        assert "objective=" in all_lines[end]
+        assert all(len(line) <= 80 for line in all_lines[start:end + 1])
         folder = next(p for p in two_cell_sweep.iterdir() if p.name.startswith(f"{num}_"))
-        dpo = json.loads((folder / "results.json").read_text())["eval_by_stage"]["dpo"]
+        results = json.loads((folder / "results.json").read_text())
+        dpo = results["eval_by_stage"]["dpo"]
         assert float(match.group(3)) == round(dpo["win_rate"], 3)
         assert float(match.group(4)) == round(dpo["gold_reward"], 3)
+        assert match.group(1) == f"{results['runtime_s']:.0f}"  # the cell's time is results.json's
 
 
 def test_no_progress_line_for_a_single_run(smoke_run):

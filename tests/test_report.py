@@ -193,8 +193,11 @@ def test_single_seed_shows_just_the_mean(tmp_path):
     row = _table_rows(markdown)[0]
     assert row[:6] == ["sft", "0.001", "0", "1", "ok", "0.350"]
     assert payload["cells"][0]["metrics"]["eval"]["sft"]["win_rate"]["se"] is None
-    for name in PLOTS.values():
-        assert (tmp_path / "out" / name).stat().st_size > 0
+    # one cell: nothing varies, so no plot against the lr and no paired effect; the scatter only
+    assert (tmp_path / "out" / PLOTS["sft_vs_dpo_win_rate"]).stat().st_size > 0
+    for name in ("dpo_win_rate_vs_lr", "kl_vs_lr", "paired_effects"):
+        assert not (tmp_path / "out" / PLOTS[name]).exists() and PLOTS[name] not in markdown
+        assert name not in payload["files"]
     assert not (sweep / "report.md").exists()
 
 

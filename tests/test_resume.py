@@ -74,12 +74,17 @@ def test_killed_stage_resumes_to_the_same_result(sig, tmp_path, model_cache, uni
     proc = start([*TRAIN, "hydra.run.dir=run"], tmp_path, model_cache)
     wait_for(tmp_path / "run" / "sft" / "state" / "trainer_state.json", proc)
     proc.send_signal(sig)
-    proc.wait(timeout=120)
+    _, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0, "the run finished before the signal: lengthen sft.max_steps"
     assert not (tmp_path / "run" / "sft" / "stage.json").exists()
     if sig == signal.SIGTERM:
         results = json.loads((tmp_path / "run" / "results.json").read_text())
         assert results["status"] == "failed" and "SIGTERM" in results["error"]
+        # one line and the hint, no traceback (tests/test_interrupts.py has Ctrl-C's)
+        assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr[-3000:]
+        lines = [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("ibridge:")]
+        assert len(lines) == 1 and "stopped by SIGTERM after step" in lines[0], stderr[-3000:]
+        assert "run the same command to resume (sft resumes from step" in lines[0]
     ibridge([*TRAIN, "hydra.run.dir=run"], tmp_path, model_cache)
     assert_same_run(tmp_path / "run", uninterrupted)
 
@@ -104,6 +109,8 @@ def test_changed_config_in_the_same_folder_is_refused_then_moved_aside(tmp_path,
     proc = ibridge(["train", "debug=smoke", "logger=none", "sft.epochs=2", "hydra.run.dir=run"], tmp_path,
                    model_cache, check=False)
     assert proc.returncode == 2 and "different config" in proc.stderr
+    # the refused command leaves the earlier run as it was: its results say completed
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "completed"
     ibridge(["train", "debug=smoke", "logger=none", "sft.epochs=2", "resume=false", "hydra.run.dir=run"],
             tmp_path, model_cache)
     backups = list(tmp_path.glob("run.bak-*"))

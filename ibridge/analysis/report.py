@@ -28,6 +28,7 @@ from ibridge.analysis.effects import BASELINES, Effect, paired_effects
 from ibridge.analysis.runs import Cell, Run, build_cells, load_runs, newest_sweep, varying_keys, varying_label
 from ibridge.analysis.tables import COLUMNS, print_console, report_markdown
 from ibridge.io import write_json_atomic
+from ibridge.terminal import width as terminal_width
 
 __all__ = ["COLUMNS", "EFFECT_METRICS", "PLOTS", "Sweep", "load_runs", "newest_sweep", "summarise", "write_report"]
 
@@ -105,6 +106,28 @@ def _effect_json(effect: Effect) -> dict:
             "per_block": effect.per_block}
 
 
+def _draw_plots(sweep: Sweep, out_dir: Path) -> dict[str, Path]:
+    """The sweep's PNGs. A plot against the SFT learning rate is drawn only when the sweep varies
+    it, and the paired effects only when there are some; an earlier report's copy of a plot
+    not drawn now is removed, so the folder and report.md agree."""
+    cells = sweep.cells
+    lr_swept = len({cell.lr for cell in cells if isinstance(cell.lr, float)}) > 1
+    effects = sweep.effects["sft"]["eval.dpo.win_rate"]
+    draw = {
+        "dpo_win_rate_vs_lr": sweep_plots.plot_dpo_win_rate_vs_lr if lr_swept else None,
+        "kl_vs_lr": sweep_plots.plot_kl_vs_lr if lr_swept else None,
+        "sft_vs_dpo_win_rate": sweep_plots.plot_sft_vs_dpo,
+        "paired_effects": (lambda _, path: sweep_plots.plot_effects(effects, path)) if effects else None,
+    }
+    paths = {}
+    for name, plot in draw.items():
+        if plot is None:
+            (out_dir / PLOTS[name]).unlink(missing_ok=True)
+        else:
+            paths[name] = plot(cells, out_dir / PLOTS[name])
+    return paths
+
+
 def write_report(sweep_dir: Path, out_dir: Path | None = None, console: Console | None = None) -> dict:
     """Write report.md, report.json and the PNGs for `sweep_dir`; print the table.
 
@@ -118,13 +141,7 @@ def write_report(sweep_dir: Path, out_dir: Path | None = None, console: Console 
     out_dir = Path(out_dir) if out_dir is not None else sweep.path
     out_dir.mkdir(parents=True, exist_ok=True)
     cells, runs = sweep.cells, sweep.runs
-    paths = {
-        "dpo_win_rate_vs_lr": sweep_plots.plot_dpo_win_rate_vs_lr(cells, out_dir / PLOTS["dpo_win_rate_vs_lr"]),
-        "kl_vs_lr": sweep_plots.plot_kl_vs_lr(cells, out_dir / PLOTS["kl_vs_lr"]),
-        "sft_vs_dpo_win_rate": sweep_plots.plot_sft_vs_dpo(cells, out_dir / PLOTS["sft_vs_dpo_win_rate"]),
-        "paired_effects": sweep_plots.plot_effects(sweep.effects["sft"]["eval.dpo.win_rate"],
-                                                   out_dir / PLOTS["paired_effects"]),
-    }
+    paths = _draw_plots(sweep, out_dir)
     report_md = out_dir / "report.md"
     report_json = out_dir / "report.json"
     keys = varying_keys(cells)
@@ -147,7 +164,7 @@ def write_report(sweep_dir: Path, out_dir: Path | None = None, console: Console 
                          encoding="utf-8")
     write_json_atomic(report_json, payload)
 
-    console = console or Console(width=None if sys.stdout.isatty() else 240)
+    console = console or Console(width=terminal_width(), highlight=False)
     print_console(console, sweep.path, cells, runs)
     console.print(f"report: {escape(str(report_md))} (+ report.json, {len(paths)} plots)")
     return payload

@@ -212,18 +212,37 @@ def _console_table(title: str, cells: list[Cell], columns: tuple[Column, ...]) -
     return table
 
 
-def print_console(console: Console, sweep_dir: Path, cells: list[Cell], runs: list[Run]) -> None:
-    """One table, or two (outcomes, drift) when one is wider than the console; then the errors."""
-    title = f"sweep report — {sweep_dir} (mean ± se over seeds)"
-    table = _console_table(title, cells, COLUMNS)
+def _fits(console: Console, table: Table) -> bool:
     wide = console.options.update(width=100_000, max_width=100_000)
-    if Measurement.get(console, wide, table).maximum <= console.width:
-        console.print(table)
-    else:
-        outcomes = tuple(col for col in COLUMNS if col.key.rsplit(".", 1)[1] in _OUTCOMES)
-        drift = tuple(col for col in COLUMNS if col not in outcomes)
-        console.print(_console_table(f"{title}: win rate and gold reward", cells, outcomes))
-        console.print(_console_table(f"{title}: KL drift and implicit-reward accuracy", cells, drift))
+    return Measurement.get(console, wide, table).maximum <= console.width
+
+
+def _fitting_groups(console: Console, title: str, cells: list[Cell]) -> list[tuple[str, tuple[Column, ...]]]:
+    """The metric columns as few tables as fit the console at their natural width (so no
+    number is cut): all in one, else outcomes and drift, each split further where needed."""
+    if _fits(console, _console_table(title, cells, COLUMNS)):
+        return [(title, COLUMNS)]
+    outcomes = tuple(col for col in COLUMNS if col.key.rsplit(".", 1)[1] in _OUTCOMES)
+    drift = tuple(col for col in COLUMNS if col not in outcomes)
+    groups = []
+    for name, columns in (("win rate and gold reward", outcomes), ("KL drift and implicit-reward accuracy", drift)):
+        parts: list[tuple[Column, ...]] = [()]
+        for column in columns:
+            trial = (*parts[-1], column)
+            if parts[-1] and not _fits(console, _console_table(title, cells, trial)):
+                parts.append((column,))  # a table of one metric column is the narrowest there is
+            else:
+                parts[-1] = trial
+        groups += [(f"{title}: {name}" + (f" ({i + 1}/{len(parts)})" if len(parts) > 1 else ""), part)
+                   for i, part in enumerate(parts)]
+    return groups
+
+
+def print_console(console: Console, sweep_dir: Path, cells: list[Cell], runs: list[Run]) -> None:
+    """The table, as several tables when one is wider than the console; then the errors."""
+    title = f"sweep report — {sweep_dir} (mean ± se over seeds)"
+    for label, columns in _fitting_groups(console, title, cells):
+        console.print(_console_table(label, cells, columns))
     for run in runs:
         if not run.completed:
             console.print(f"[red]{escape(run.status)} {escape(_rel(run.path, sweep_dir))}: "

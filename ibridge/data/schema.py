@@ -5,12 +5,14 @@ JSONL, ``file, row N`` for Parquet and ``datasets`` rows, 0-based as pandas and
 ``datasets`` show them), the field, and what was expected, e.g.
 ``data.jsonl, line 3: messages[2].role must be user/assistant/system, got 'bot'``.
 
-Accepted rows (docs/real_setting.md has the full account):
+Accepted rows (docs/real_setting.md has the full account; TRL prompt-completion, ShareGPT
+and Alpaca rows are converted to these first, in :mod:`ibridge.data.formats`):
 
 - demonstrations: ``{"messages": [{"role", "content"}, ...]}`` (UltraChat-200k), or
   ``{"prompt": str | messages, "response": str}``;
 - preferences: ``{"chosen": messages, "rejected": messages}`` whose last message is
-  the assistant's and whose earlier messages agree (UltraFeedback binarized), or
+  the assistant's and whose earlier messages agree (UltraFeedback binarized; with a
+  ``prompt`` list of messages before them: TRL's explicit-prompt form), or
   ``{"prompt": str | messages, "chosen": str, "rejected": str}``;
 - eval: ``{"prompt": str | messages, "reference": str}``, or AlpacaEval's
   ``{"instruction", "output"}``.
@@ -130,12 +132,19 @@ def parse_pair(row, origin: str) -> dict:
         at = next((i for i, (a, b) in enumerate(zip(head_c, head_r, strict=False)) if a != b), min(len(head_c), len(head_r)))
         raise DataError(f"{origin}: chosen and rejected differ at message {at}, before their last message; "
                         f"expected the same prompt messages in both")
-    if head_c:
+    explicit = row.get("prompt")
+    if isinstance(explicit, (list, tuple)):
+        # TRL's conversational preference with an explicit prompt: the prompt's messages, then
+        # any messages chosen and rejected share before their replies.
+        prompt = _check_prompt(check_messages(explicit, origin, "prompt") + head_c, origin,
+                               "prompt" if not head_c else "chosen")
+    elif head_c:
         prompt = _check_prompt(head_c, origin, "chosen")
-    elif isinstance(row.get("prompt"), str):
-        prompt = row["prompt"]
+    elif isinstance(explicit, str):
+        prompt = explicit
     else:
-        raise DataError(f"{origin}: chosen holds only the assistant's reply and there is no text field 'prompt'")
+        raise DataError(f"{origin}: chosen holds only the assistant's reply and there is no field 'prompt' "
+                        f"(text, or a list of messages ending with the user's turn)")
     return {"prompt": prompt, "chosen": sides["chosen"][-1]["content"], "rejected": sides["rejected"][-1]["content"]}
 
 

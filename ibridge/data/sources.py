@@ -17,6 +17,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from ibridge.data.formats import normalise
 from ibridge.data.readers import check_location, hub_rows, location_rows
 from ibridge.data.schema import PARSERS, DataError
 
@@ -87,7 +88,7 @@ def collect(rows: Iterable, kind: str, label: str, limit: int = -1, bad_rows: st
     for row, origin in rows:
         seen += 1
         try:
-            example = parse(row, origin)
+            example = parse(normalise(row, kind, origin), origin)  # TRL, ShareGPT, Alpaca rows too
         except DataError as err:
             if bad_rows != "skip":
                 raise

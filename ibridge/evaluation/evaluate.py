@@ -39,9 +39,13 @@ from ibridge.scoring import load_scoring_model, scores_in_fp32
 
 
 def evaluate_checkpoint(
-    cfg, source, policy_path: Path, reference_path: Path | None, runtime: Runtime, out_dir: Path, generator: str
+    cfg, source, policy_path: Path, reference_path: Path | None, runtime: Runtime, out_dir: Path, generator: str,
+    model_name: str | None = None,
 ) -> dict:
     """Generate, judge and compare; writes generations.jsonl and alpaca_eval.json under `out_dir`.
+
+    `generator` labels the progress bar (``base``, ``dpo``); `model_name` (default: `generator`) is
+    alpaca_eval.json's ``generator``, the name AlpacaEval's leaderboard shows for the model.
 
     Under torchrun every rank calls it and returns the same metrics: each rank generates,
     judges and scores its share of the one-process batches (``shard`` below), the results
@@ -138,7 +142,7 @@ def evaluate_checkpoint(
         release_memory()
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _write_generations(out_dir, examples, outputs, verdicts, ref_verdicts, prefs, generator)
+        _write_generations(out_dir, examples, outputs, verdicts, ref_verdicts, prefs, model_name or generator)
     return metrics
 
 

@@ -1,6 +1,6 @@
 """One short module per job, wiring the rest of the package."""
 
-from ibridge.jobs import dashboard, pipeline, qlogit, report, train
+from ibridge.jobs import dashboard, export, pipeline, qlogit, report, train
 from ibridge.jobs import eval as eval_job
 
 JOBS = {
@@ -10,4 +10,5 @@ JOBS = {
     "qlogit": qlogit.run,
     "report": report.run,
     "dashboard": dashboard.run,
+    "export": export.run,
 }

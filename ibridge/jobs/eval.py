@@ -63,7 +63,9 @@ def evaluate_stage(ctx, label: str, policy, reference) -> dict:
         return json.loads(marker.read_text()) if info.is_main else {}
     if info.is_main:
         ctx.logger.start("eval", ctx.run_name(f"eval-{label}"), {"evaluated": label}, home=out_dir)
-    metrics = evaluate_checkpoint(ctx.cfg, ctx.source, policy, reference, ctx.runtime, out_dir, generator=label)
+    # AlpacaEval's `generator` names the run (`dpo-jsd-lr1e-4-s0`), so outputs of several runs stay apart.
+    metrics = evaluate_checkpoint(ctx.cfg, ctx.source, policy, reference, ctx.runtime, out_dir, generator=label,
+                                  model_name=ctx.run_name(label))
     if not info.is_main:
         return {}
     scalars = eval_scalars(label, metrics)
