@@ -4,12 +4,16 @@ docs/design.md §1 ("Cost") caches ``log pi_ref`` keyed by reference model and d
 may be served only where a fresh reference pass would compute it under the same conditions, so
 the key (``ibridge.refcache.reference_cache_key``) combines
 
-- :func:`model_fingerprint`: the bytes of every weight file, ``config.json`` and remote-code
-  ``*.py`` of the resolved model folder (and, for a hub name, the resolved revision). Files over
+- :func:`model_fingerprint`: the bytes of every weight file, ``config.json``,
+  ``adapter_config.json`` and remote-code ``*.py`` of the resolved model folder (and, for a hub
+  name, the resolved revision). A PEFT adapter folder (``adapter_config.json``; ``load_model``
+  loads the base it names and applies the adapter) also takes in the fingerprint of that base,
+  so editing ``lora_alpha`` or replacing the base's weights changes the key. Files over
   :data:`FULL_HASH_LIMIT` are hashed whole once and the digest kept in a small sidecar file, so
   two folders whose multi-GB shards have the same size and modification time never share a key;
-- :func:`numerics_fingerprint`: precision, weight dtype, attention implementation, device, and
-  the library versions whose kernels produce the numbers.
+- :func:`numerics_fingerprint`: precision, weight dtype, attention implementation, device,
+  ``trust_remote_code`` (whether a folder's own modelling code or transformers' runs), and the
+  library versions whose kernels produce the numbers.
 """
 
 from __future__ import annotations
@@ -110,12 +114,37 @@ def content_hash(file: Path, cache_dir: Path | None = None, beside: bool = True)
 def model_fingerprint(path, cache_dir: Path | None = None) -> str | None:
     """Hash of everything in the model folder that changes the reference's outputs, or None when
     the model is not available locally (an uncached hub name: the caller must not trust a cache)."""
+    return _fingerprint(path, cache_dir, seen=())
+
+
+# The files of a model folder whose bytes change its outputs (weights, configuration, remote code).
+_MODEL_FILES = ("*.safetensors", "config.json", "adapter_config.json", "*.py")
+
+
+def _fingerprint(path, cache_dir: Path | None, seen: tuple[str, ...]) -> str | None:
     folder, revision = resolve_model_folder(path)
     if folder is None:
         return None
-    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("config.json")) + sorted(folder.glob("*.py"))
+    files = [f for pattern in _MODEL_FILES for f in sorted(folder.glob(pattern))]
     parts = {"revision": revision, "files": [[f.name, content_hash(f, cache_dir)] for f in files]}
+    adapter = folder / "adapter_config.json"
+    if adapter.is_file():
+        base = adapter_base(adapter)
+        if str(folder.resolve()) in seen:
+            raise ValueError(f"{adapter}: base_model_name_or_path leads back to {folder}")
+        parts["base"] = None if base is None else _fingerprint(base, cache_dir, (*seen, str(folder.resolve())))
+        if parts["base"] is None:  # a base not available locally: its content is unknown, trust no cache
+            return None
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def adapter_base(adapter_config: Path) -> str | None:
+    """The base model a PEFT adapter folder names (``base_model_name_or_path``), or None."""
+    try:
+        base = json.loads(Path(adapter_config).read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(base) if base else None
 
 
 def numerics_fingerprint(runtime: Runtime) -> dict:
@@ -127,6 +156,7 @@ def numerics_fingerprint(runtime: Runtime) -> dict:
         "precision": runtime.precision,
         "weights_dtype": str(reference_pass_dtype(runtime)),  # bf16 or fp32 weights (the mode only acts through it)
         "attn_implementation": runtime.attn_implementation,
+        "trust_remote_code": bool(runtime.trust_remote_code),  # a folder's own modelling code, or transformers'
         "device": device.type,
         # Kernels differ between GPU generations, and TF32 changes fp32 matmuls on GPUs.
         "accelerator": torch.cuda.get_device_name(device) if device.type == "cuda" else None,

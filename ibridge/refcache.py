@@ -70,7 +70,7 @@ def reference_cache_key(model_print: str, sequences: list[dict], runtime: Runtim
     - ``model``: :func:`ibridge.fingerprint.model_fingerprint` of the reference (file contents,
       hub revision);
     - ``sequences``: the exact token ids and labels, in order;
-    - ``numerics``: :func:`ibridge.fingerprint.numerics_fingerprint` (precision and weight dtype,
+    - ``numerics``: :func:`ibridge.fingerprint.numerics_fingerprint` (precision and weight dtype, trust_remote_code,
       attention implementation, device, torch/CUDA/transformers versions);
     - ``pass``: :data:`REFERENCE_PASS_VERSION`.
 

@@ -4,7 +4,7 @@ For each objective, one optimiser step over the 7 uneven examples of tests/weigh
 (micro-batches of 1 per rank, grad_accum 4: 2 + 2 + 2 + 1 examples, rank 1 a stand-in in
 the last) must hand the optimiser the gradient of all 7 in one batch, and log the loss and
 every metric of that batch. Rank 0 writes the differences to OUT as JSON.
-Usage: torchrun --nproc_per_node 2 tests/loss_weighting_worker.py OUT
+Usage: torchrun --nproc_per_node 2 tests/loss_weighting_worker.py OUT [KIND,...]   (default: every kind)
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from tests.weighting_case import (  # noqa: E402
 )
 
 
-def main(out: Path) -> None:
+def main(out: Path, kinds: list[str]) -> None:
     torch.set_num_threads(1)
     with gloo_ddp_runtime() as runtime:
         report = {}
-        for kind in OBJECTIVES:
+        for kind in kinds:
             logged, grads = loop_gradient(kind, batch_size=1, grad_accum=4, runtime=runtime)
             reference, ref_grads = one_batch_gradient(kind)
             report[kind] = {"metrics": metric_gaps(logged, reference), "reference": reference,
@@ -41,4 +41,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2].split(",") if len(sys.argv) > 2 else list(OBJECTIVES))

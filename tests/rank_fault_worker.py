@@ -3,7 +3,9 @@
 `ibridge` itself, with two test-only faults that a real cluster produces on its own:
 IBRIDGE_TEST_FAIL_RANK=R makes rank R raise in its third training forward (a CUDA error,
 a bad batch); every rank writes its pid to ``pid-<rank>`` in the working folder, so that
-the test can send SIGTERM to one rank alone (Slurm preempting one node).
+the test can send SIGTERM to one rank alone (Slurm preempting one node), and the number of
+training forwards it has run to ``forwards-<rank>``, so that the test can tell at which step
+each rank stopped.
 Usage: torchrun --nproc_per_node 2 tests/rank_fault_worker.py [ibridge args...]
 """
 
@@ -29,6 +31,7 @@ def failing_demonstration_step(objective, *args, **kwargs):
 
     def wrapped(model, batch):
         calls["n"] += 1
+        Path(f"forwards-{RANK}").write_text(str(calls["n"]))
         if RANK == FAIL_RANK and calls["n"] == 3:
             raise RuntimeError(f"injected failure on rank {RANK}")
         return compute(model, batch)

@@ -105,25 +105,30 @@ def test_gpu_process_groups_take_cpu_tensors_too():
 
 def test_ibridges_collectives_build_their_tensors_on_the_collective_device(monkeypatch, tiny_folder):
     # NCCL accepts only CUDA tensors: every collective of ibridge's own must place its tensor on
-    # DistInfo.collective_device. Recorded through spies standing in for a device-only backend.
+    # DistInfo.collective_device. On a CPU machine the only real device is the CPU, which is also
+    # torch's default, so the calls run under another default device ("meta"): a tensor built
+    # without the setting lands there and the spies, standing in for a device-only backend, see it.
     devices = []
 
     def all_reduce(tensor, op=None):
         devices.append(str(tensor.device))
+        tensor.mul_(2)  # as if a second rank held the same values
 
     def all_gather(outputs, tensor):
-        devices.append(str(tensor.device))
-        for out in outputs:
-            out.copy_(tensor)
+        devices.extend(str(t.device) for t in [tensor, *outputs])
+        for rank, out in enumerate(outputs):
+            out.copy_(tensor + rank)  # rank r's checksum: this rank's + r, so the values come from the buffers
 
     monkeypatch.setattr(distributed.dist, "all_reduce", all_reduce)
     monkeypatch.setattr(distributed.dist, "all_gather", all_gather)
     info = DistInfo(world_size=2, mode="ddp", collective_device="cpu")
-    assert all_reduce_sum([1.0, 2.0], info) == [1.0, 2.0]
     model = LlamaForCausalLM.from_pretrained(tiny_folder)
-    first, second = parameter_checksums(model, info)
-    assert first == second > 0
-    assert devices == ["cpu", "cpu"]
+    with torch.device("meta"):
+        summed = all_reduce_sum([1.0, 2.0], info)
+        first, second = parameter_checksums(model, info)
+    assert summed == [2.0, 4.0]
+    assert first > 0 and second == pytest.approx(first + 1)
+    assert devices == ["cpu", "cpu", "cpu", "cpu"]
 
 
 def test_deepspeed_reduces_and_accumulates_gradients_in_fp32():

@@ -24,7 +24,12 @@ def test_lora_pipeline_merges_and_uses_the_sft_model_as_dpo_reference(tmp_path, 
     assert merged_sft.keys() == base.keys()
     assert any(not torch.equal(merged_sft[k], base[k]) for k in base), "LoRA SFT changed nothing"
     # Only the adapted projections move; embeddings and norms stay frozen.
-    assert torch.equal(merged_sft["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    adapted = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # conf/model/toy.yaml
+    frozen = [key for key in base if not any(name in key for name in adapted)]
+    assert "model.embed_tokens.weight" in frozen and "model.norm.weight" in frozen
+    assert sum("layernorm" in key for key in frozen) >= 2  # each layer's input and post-attention norms
+    moved = [key for key in frozen if not torch.equal(merged_sft[key], base[key])]
+    assert not moved, f"frozen weights changed: {moved}"
     assert dpo["reference"] == sft["checkpoint"]
     # Before its first update the DPO policy *is* the merged SFT model, so implicit rewards are
     # exactly zero if (and only if) the reference is that model too, not the base.

@@ -60,6 +60,17 @@ def test_a_two_token_demonstration_weighs_per_token_what_it_weighs_in_one_batch(
     assert micro_batch_weight(0, 107) == 0.0  # a stand-in
 
 
+def test_the_fast_tiers_two_rank_case_token_averaged_sft_has_the_one_batch_gradient(tmp_path):
+    # `make test-fast`'s multi-rank weighting test: one objective, one torchrun of 2 gloo ranks.
+    out = tmp_path / "report.json"
+    run_worker("loss_weighting_worker.py", str(out), "sft")
+    diffs = json.loads(out.read_text())["sft"]
+    assert set(diffs["metrics"]) == set(diffs["reference"])
+    for key, gap in diffs["metrics"].items():  # the loss and every metric of the one batch
+        assert gap <= 1e-5 * abs(diffs["reference"][key]) + 1e-6, (key, gap)
+    assert diffs["grad_diff"] <= 1e-4 * diffs["grad_scale"] + 1e-6, diffs
+
+
 @pytest.mark.slow
 def test_two_ddp_ranks_with_grad_accum_have_the_one_batch_gradient(tmp_path):
     out = tmp_path / "report.json"

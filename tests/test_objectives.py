@@ -287,6 +287,20 @@ def test_dpo_hand_case_and_metrics():
     assert all(v.dim() == 0 and not v.requires_grad for v in m.values())
 
 
+@pytest.mark.parametrize("name", ["dpo", "cdpo", "ipo"])
+def test_reward_accuracy_counts_a_tie_as_wrong(name):
+    # At step 0 the policy is its reference: every implicit reward is 0, chosen ties rejected,
+    # and a pair is ranked right only when its chosen reward is strictly higher (TRL's rule).
+    tied = [torch.tensor([-3.0, -1.0, -2.0]), torch.tensor([-4.0, -1.5, -2.0])]
+    out = build_objective({"name": name})(tied[0], tied[1], tied[0].clone(), tied[1].clone())
+    assert out.metrics["rewards/accuracies"].item() == 0.0
+    # one pair ahead, one tied (equal margins to the reference), one behind: 1 of 3
+    pc, pr = torch.tensor([-2.0, -1.0, -3.0]), torch.tensor([-4.0, -1.5, -2.0])
+    rc, rr = torch.tensor([-3.0, -1.0, -2.0]), torch.tensor([-4.0, -1.5, -2.0])
+    out = build_objective({"name": name})(pc, pr, rc, rr)
+    assert out.metrics["rewards/accuracies"].item() == pytest.approx(1 / 3)
+
+
 def test_dpo_gradient_hand_case():
     beta = 0.5
     pc, pr, rc, rr = _pref_tensors()

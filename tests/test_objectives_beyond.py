@@ -322,7 +322,7 @@ def test_asft_optimum_is_the_kl_regularised_policy_with_reward_pE():
     # max sum_a pE(a) pi(a) - lambda KL(pi || pi_ref)  =>  pi ∝ pi_ref exp(pE / lambda):
     # the implicit reward lambda log pi/pi_ref is the demonstrator's probability (plus a constant)
     lam = 0.2
-    pi = _optimise("asft", {"kl_coef": lam})
+    pi = _optimise("asft", {"kl_coef": lam, "kl_direction": "policy_ref"})  # the optimum of this direction
     assert pi == pytest.approx(_normalised([q * math.exp(p / lam) for p, q in zip(P_E, Q_REF, strict=True)]),
                                abs=2e-3)
 
@@ -345,7 +345,7 @@ def test_new_objectives_defaults_and_what_they_need():
         "dft": ({}, False),
         "prior_leaning": ({"alpha": 1.0}, False),
         "sft_kl": ({"kl_coef": 0.05, "kl_direction": "policy_ref"}, True),
-        "asft": ({"kl_coef": 0.05, "kl_direction": "policy_ref"}, True),
+        "asft": ({"kl_coef": 0.05, "kl_direction": "ref_policy"}, True),  # ASFT's released code
     }
     for name, (params, logits) in expected.items():
         objective = build_objective({"name": name})
@@ -397,3 +397,28 @@ def test_train_stage_with_each_new_objective(name, tmp_path, model_cache):
             "train/nll_per_token", "kl/token"} <= keys
     assert ("kl/anchor" in keys) is (name in ("sft_kl", "asft"))
     assert record["kl_token"] > 0
+
+
+def test_asft_by_default_is_the_released_codes_loss():
+    # github.com/zhuchichi56/ASFT train_v2.py, mode asft: per valid token
+    # -p_t.detach() * log p_t + kl_weight * F.kl_div(log_softmax(logits), softmax(ref_logits)).sum(-1),
+    # averaged over the valid tokens; computed here with torch.nn.functional, apart from ibridge's KL code.
+    from tests.conftest import compose_config
+
+    assert compose_config(["objective=asft"]).objective.kl_direction == "ref_policy"
+    assert compose_config(["objective=sft_kl"]).objective.kl_direction == "policy_ref"  # design.md §1's anchor
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7, requires_grad=True)
+    ref_logits = torch.randn(2, 5, 7)
+    labels = torch.randint(0, 7, (2, 5))
+    labels[0, :2] = -100
+    logps, mask = token_logps(logits, labels)
+    ref_logps, _ = token_logps(ref_logits, labels)
+    out = build_objective({"name": "asft", "kl_coef": 0.1})(logps, ref_logps, mask, logits=logits,
+                                                            ref_logits=ref_logits)
+    shift_logits, shift_ref, shift_labels = logits[:, :-1], ref_logits[:, :-1], labels[:, 1:]
+    valid = shift_labels != -100
+    logp = F.log_softmax(shift_logits, -1).gather(-1, shift_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    kl = F.kl_div(F.log_softmax(shift_logits, -1), F.softmax(shift_ref, -1), reduction="none").sum(-1)
+    released = ((-logp.exp().detach() * logp + 0.1 * kl) * valid).sum() / valid.sum()
+    assert out.loss.item() == pytest.approx(released.item(), abs=1e-6)

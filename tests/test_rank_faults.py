@@ -6,7 +6,9 @@ CLI with a fault injected into one rank.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -40,11 +42,16 @@ def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str, float]:
     return proc.returncode, err, time.monotonic() - start
 
 
-def test_one_failing_rank_ends_the_job_in_seconds_with_a_non_zero_exit(tmp_path, model_cache):
+def test_one_failing_rank_ends_the_job_with_a_non_zero_exit_without_waiting_for_the_collective_timeout(
+        tmp_path, model_cache):
+    # The process-group timeout is trainer.dist_timeout_min (60 min by default): a job that waited
+    # for it would still run when finish() gives up after 150 s and fails the test.
     proc = launch(tmp_path, model_cache, {"IBRIDGE_TEST_FAIL_RANK": "1"}, "sft.max_steps=40")
     code, err, _ = finish(proc, timeout=150)
     assert code != 0
     assert "injected failure on rank 1" in err
+    assert int((tmp_path / "forwards-1").read_text()) == 3  # it failed where injected, not later
+    assert not re.search(r"time[d ]?out", err, re.IGNORECASE), "a rank ended by the collective timeout"
 
 
 def test_sigterm_to_one_rank_stops_both_at_the_same_step_with_a_saved_state(tmp_path, model_cache):
@@ -58,9 +65,15 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step_with_a_saved_state(tmp_
     os.kill(int((tmp_path / "pid-1").read_text()), signal.SIGTERM)  # rank 1 alone
     code, err, _ = finish(proc, timeout=150)
     assert code != 0
-    assert "stopped by SIGTERM" in err
     state = tmp_path / "run" / "sft" / "state"
     assert state.is_dir(), "rank 0 saved no state: it did not stop with rank 1"
+    saved = json.loads((state / "trainer_state.json").read_text())["step"]
+    stopped = {int(step) for step in re.findall(r"stopped by SIGTERM after step (\d+)", err)}
+    assert stopped == {saved}, (stopped, saved)  # the message names the step the state was saved at
+    # Both ranks ran the same number of training forwards (every step has the same micro-batches
+    # on every rank, stand-ins included): they stopped after the same step.
+    forwards = [int((tmp_path / f"forwards-{rank}").read_text()) for rank in (0, 1)]
+    assert forwards[0] == forwards[1] > 0, forwards
 
 
 def test_a_two_process_pipeline_killed_after_the_base_evaluation_resumes_to_the_end(tmp_path, model_cache):

@@ -24,14 +24,35 @@ def test_extreme_log_ratios_stay_finite_through_every_demonstration_objective(na
     accepted = OBJECTIVES[name].param_names()
     params = {"name": name, **{k: v for k, v in {"granularity": granularity, "beta": 1.0}.items() if k in accepted}}
     objective = build_objective(params)
-    if objective.needs_reference_logits:  # sft_kl, asft: a KL over whole logits (tests/test_objectives_beyond.py)
-        pytest.skip(f"{name} takes logits, not log-probs alone")
+    if objective.needs_reference_logits:  # sft_kl, asft: a KL over whole logits
+        _extreme_logits_stay_finite(objective)
+        return
     policy = torch.tensor([[-1e4, -0.1, -50.0], [-1e-6, -3e3, -2.0]], requires_grad=True)  # (B, T)
     reference = torch.tensor([[-0.1, -1e4, -2.0], [-3e3, -1e-6, -80.0]])
     mask = torch.ones_like(reference, dtype=torch.bool)
     out = objective(policy, reference if objective.needs_reference else None, mask)
     out.loss.backward()
     assert torch.isfinite(out.loss) and torch.isfinite(policy.grad).all()
+
+
+def _extreme_logits_stay_finite(objective) -> None:
+    """The anchored objectives on logits of +-1e4 (probabilities that underflow to 0 in float32,
+    in the policy and the reference at different tokens), in both KL directions."""
+    from ibridge.objectives import token_logps
+
+    for direction in ("policy_ref", "ref_policy"):
+        objective.kl_direction = direction
+        logits = torch.tensor([[[1e4, -1e4, 0.0, -50.0], [-1e4, 1e4, -3e3, 0.0], [0.0, 0.0, 0.0, 0.0]],
+                               [[-1e-6, -3e3, 1e4, 2.0], [5e3, -5e3, 0.0, 1e4], [1.0, -1.0, 0.0, 0.0]]],
+                              requires_grad=True)  # (B, T+1, V)
+        ref_logits = torch.tensor([[[-1e4, 1e4, 0.0, 80.0], [1e4, -1e4, 3e3, 0.0], [0.0, 0.0, 0.0, 0.0]],
+                                   [[3e3, -1e-6, -1e4, 2.0], [-5e3, 5e3, 1e4, 0.0], [1.0, -1.0, 0.0, 0.0]]])
+        labels = torch.tensor([[-100, 1, 0], [-100, 0, 2]])  # the policy's least likely tokens are scored
+        logps, mask = token_logps(logits, labels)
+        ref_logps, _ = token_logps(ref_logits, labels)
+        out = objective(logps, ref_logps, mask, logits=logits, ref_logits=ref_logits)
+        out.loss.backward()
+        assert torch.isfinite(out.loss) and torch.isfinite(logits.grad).all(), direction
 
 
 @pytest.mark.parametrize("name", PREFERENCE)

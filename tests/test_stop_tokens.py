@@ -195,7 +195,9 @@ def test_generation_stops_at_the_end_of_the_turn(name):
     chain, expected = reply_chain(case, tokenizer)
     model = chain_model(tokenizer, chain)
     prompts = [case.prompt, [{"role": "user", "content": case.follow}], case.prompt]  # two lengths, left-padded
-    for out in generate(model, tokenizer, prompts, CPU, max_new_tokens=len(chain) + 8, batch_size=3):
+    outputs = generate(model, tokenizer, prompts, CPU, max_new_tokens=len(chain) + 8, batch_size=3)
+    assert len(outputs) == len(prompts)  # one response per prompt: an empty list must not pass the loop
+    for out in outputs:
         assert out["response_ids"] == expected  # the end-of-turn token included: log pi(y|x) covers stopping
         assert out["text"] == case.reply  # no invented next turn
 

@@ -25,20 +25,25 @@ because runs that share a seed share more than their seed. So the comparison is 
 * blocks are the independent replicates: the effect is the mean over blocks with
   the standard error over blocks (over the paired seeds when there is one block).
   A base model is a random draw too, and seeds within one base are not independent
-  of it, so pooling seeds across bases would understate the error.
+  of it, so pooling seeds across bases would understate the error;
+* each effect has a Student-t interval and p-value over those replicates (n - 1 degrees of
+  freedom), and the effects of one call (one baseline, one metric: one question) are
+  Holm-corrected together; ``resolved`` follows :data:`ibridge.analysis.significance.RULE`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from ibridge.analysis.runs import Run, lr_order, run_value, value_order, varying_keys
+from ibridge.analysis.significance import holm, is_resolved, t_inference
 from ibridge.evaluation.stats import mean_and_stderr
 
-__all__ = ["BASELINES", "Effect", "is_replicate_key", "paired_effects"]
+__all__ = ["BASELINES", "Effect", "is_replicate_key", "paired_effects", "with_inference"]
 
 BASELINE_OBJECTIVE = "sft"
 # Baseline name -> what the report says it is.
@@ -74,6 +79,13 @@ class Effect:
     baseline_mean: float  # the baseline's metric, mean over blocks, for relative changes
     settings: tuple[str, ...] = ()  # the varying settings of the compared cell, "key=value"
     baseline: str = BASELINE_OBJECTIVE  # a key of BASELINES
+    # Over `units` (ibridge/analysis/significance.py): None with fewer than 2 units.
+    df: int | None = None
+    ci_low: float | None = None  # 95% Student-t interval, uncorrected
+    ci_high: float | None = None
+    p: float | None = None  # two-sided one-sample t-test of a zero effect
+    p_holm: float | None = None  # Holm-adjusted over the effects of one paired_effects call
+    resolved: bool = False
 
     @property
     def relative(self) -> float | None:
@@ -153,4 +165,15 @@ def paired_effects(runs: list[Run], metric: str = "eval.dpo.win_rate", baseline:
                               settings, baseline))
     effects.sort(key=lambda e: (e.objective != BASELINE_OBJECTIVE, e.objective, lr_order(e.lr),
                                tuple(value_order(item.partition("=")[2]) for item in e.settings)))
-    return effects
+    return with_inference(effects)
+
+
+def with_inference(effects: list[Effect]) -> list[Effect]:
+    """`effects` with their t-intervals and p-values, Holm-adjusted together (one question)."""
+    tested = [t_inference(effect.units) for effect in effects]
+    # A zero-spread sample has no p-value (NaN): it joins no family and shows as None.
+    adjusted = holm([None if t is None or math.isnan(t.p) else t.p for t in tested])
+    return [effect if t is None else dataclasses.replace(
+                effect, df=t.df, ci_low=t.ci_low, ci_high=t.ci_high, p=None if math.isnan(t.p) else t.p,
+                p_holm=p_holm, resolved=is_resolved(p_holm))
+            for effect, t, p_holm in zip(effects, tested, adjusted, strict=True)]

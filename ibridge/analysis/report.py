@@ -26,7 +26,7 @@ from rich.markup import escape
 from ibridge.analysis import sweep_plots
 from ibridge.analysis.effects import BASELINES, Effect, paired_effects
 from ibridge.analysis.runs import Cell, Run, build_cells, load_runs, newest_sweep, varying_keys, varying_label
-from ibridge.analysis.tables import COLUMNS, print_console, report_markdown
+from ibridge.analysis.tables import COLUMNS, print_console, print_effects, report_markdown
 from ibridge.io import write_json_atomic
 from ibridge.terminal import width as terminal_width
 
@@ -103,7 +103,8 @@ def _cell_json(cell: Cell, sweep_dir: Path, keys: list[str]) -> dict:
 def _effect_json(effect: Effect) -> dict:
     return {"objective": effect.objective, "lr": effect.lr, "settings": list(effect.settings),
             "mean": effect.mean, "se": effect.se, "relative": effect.relative, "units": list(effect.units),
-            "per_block": effect.per_block}
+            "per_block": effect.per_block, "df": effect.df, "ci95": [effect.ci_low, effect.ci_high],
+            "p": effect.p, "p_holm": effect.p_holm, "resolved": effect.resolved}
 
 
 def _draw_plots(sweep: Sweep, out_dir: Path) -> dict[str, Path]:
@@ -166,6 +167,7 @@ def write_report(sweep_dir: Path, out_dir: Path | None = None, console: Console 
 
     console = console or Console(width=terminal_width(), highlight=False)
     print_console(console, sweep.path, cells, runs)
+    print_effects(console, sweep.effects, EFFECT_METRICS)
     console.print(f"report: {escape(str(report_md))} (+ report.json, {len(paths)} plots)")
     return payload
 

@@ -163,7 +163,7 @@ def plot_sft_vs_dpo(cells: list[Cell], path: Path) -> Path:
 
 def plot_effects(effects: list[Effect], path: Path) -> Path:
     """One column per compared cell: each block's paired difference (small markers) and the
-    pooled mean ± se (large marker); above the zero line means better than the baseline."""
+    mean with its 95% t-interval (black); above the zero line means better than the baseline."""
     fig = Figure(figsize=(max(5.0, 1.1 * len(effects) + 2.5), 4.4), layout="constrained")
     ax = fig.add_subplot()
     if not effects:
@@ -176,8 +176,11 @@ def plot_effects(effects: list[Effect], path: Path) -> Path:
             if label in effect.per_block:
                 ax.plot(x + 0.12 * (i - (len(labels) - 1) / 2), effect.per_block[label], markers[i % len(markers)],
                         color=f"C{i % 10}", alpha=0.7, ms=5, label=(label or "all runs") if x == 0 else None)
-        ax.errorbar(x, effect.mean, yerr=effect.se or 0.0, fmt="_", color="black", ms=22, mew=2, capsize=5,
-                    elinewidth=1.5, label="mean ± se" if x == 0 else None)
+        # The 95% t-interval the report reads (ibridge/analysis/significance.py), not ± se: with
+        # 3 bases it is 4.3 standard errors wide on each side.
+        half = 0.0 if effect.ci_high is None else effect.ci_high - effect.mean
+        ax.errorbar(x, effect.mean, yerr=half, fmt="_", color="black", ms=22, mew=2, capsize=5,
+                    elinewidth=1.5, label="mean, 95% interval" if x == 0 else None)
     ax.axhline(0.0, color="gray", lw=1, ls="--")
     ticks = ["\n".join([e.objective, fmt_lr(e.lr), *e.settings]) for e in effects]
     ax.set_xticks(range(len(effects)), ticks, fontsize=8)
@@ -186,7 +189,7 @@ def plot_effects(effects: list[Effect], path: Path) -> Path:
     ax.set_ylabel(f"Δ post-DPO {metric} vs baseline")
     baseline = {"sft": "plain sft at the standard lr", "tv": "tv at the same lr and granularity"}[effects[0].baseline]
     ax.set_title(f"Paired by seed against {baseline}\n"
-                 "(small markers: per block; black: mean ± se over blocks)", fontsize=10)
+                 "(small markers: per block; black: mean and 95% t-interval over blocks)", fontsize=10)
     ax.legend(fontsize=7, loc="best")
     ax.grid(True, axis="y", alpha=0.3)
     return _save(fig, path)

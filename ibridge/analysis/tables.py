@@ -18,8 +18,9 @@ from rich.table import Table
 
 from ibridge.analysis.effects import BASELINES, Effect
 from ibridge.analysis.runs import Cell, Run, fmt_lr, one_line, varying_keys
+from ibridge.analysis.significance import RULE
 
-__all__ = ["COLUMNS", "Column", "effects_markdown", "print_console", "report_markdown"]
+__all__ = ["COLUMNS", "Column", "effects_markdown", "inference_cells", "print_console", "report_markdown"]
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,18 @@ def _rel(path: Path, base: Path) -> str:
 # --------------------------------------------------------------------------- effects
 
 
+def _p_text(p: float | None) -> str:
+    return "—" if p is None else (f"{p:.3f}" if p >= 0.001 else f"{p:.0e}")
+
+
+def inference_cells(effect: Effect, digits: int = 3, scale: float = 1.0) -> list[str]:
+    """95% CI, df, p, Holm-adjusted p and resolved (ibridge/analysis/significance.py) as text."""
+    if effect.df is None:
+        return ["—", "—", "—", "—", "no"]
+    ci = f"[{effect.ci_low * scale:+.{digits}f}, {effect.ci_high * scale:+.{digits}f}]"
+    return [ci, str(effect.df), _p_text(effect.p), _p_text(effect.p_holm), "yes" if effect.resolved else "no"]
+
+
 def effects_markdown(effects: list[Effect], title: str) -> list[str]:
     """A Markdown section: one row per compared cell, its paired effect and the effect in each block."""
     if not effects:
@@ -131,16 +144,16 @@ def effects_markdown(effects: list[Effect], title: str) -> list[str]:
         f"Paired by seed with {baseline} of the same block and settings; mean ± se over "
         f"{'blocks (' + ', '.join(per_block_columns) + ')' if per_block_columns else 'the paired seeds'}.",
         "",
-        "| " + " | ".join(["objective", "SFT lr", *setting_keys, "Δ vs baseline", "relative", f"{unit} above 0",
-                          *per_block_columns]) + " |",
-        "|---|---|" + "---|" * len(setting_keys) + "---:|---:|---:|" + "---:|" * len(per_block_columns),
+        "| " + " | ".join(["objective", "SFT lr", *setting_keys, "Δ vs baseline", "95% CI", "df", "p", "p (Holm)",
+                          "resolved", "relative", f"{unit} above 0", *per_block_columns]) + " |",
+        "|---|---|" + "---|" * len(setting_keys) + "---:|" * 8 + "---:|" * len(per_block_columns),
     ]
     for effect in effects:
         settings = dict(item.partition("=")[::2] for item in effect.settings)
         se = f" ± {effect.se:.3f}" if effect.se is not None else ""
         rel = f"{100 * effect.relative:+.1f}%" if effect.relative is not None else "—"
         row = [effect.objective, fmt_lr(effect.lr), *(settings.get(key, "—") for key in setting_keys),
-               f"{effect.mean:+.3f}{se}", rel, f"{effect.units_above}/{len(effect.units)}"]
+               f"{effect.mean:+.3f}{se}", *inference_cells(effect), rel, f"{effect.units_above}/{len(effect.units)}"]
         row += [f"{effect.per_block[label]:+.3f}" if label in effect.per_block else "—" for label in per_block_columns]
         lines.append("| " + " | ".join(_md_escape(value) for value in row) + " |")
     return lines + [""]
@@ -179,6 +192,8 @@ def report_markdown(sweep_dir: Path, cells: list[Cell], runs: list[Run], plots: 
     for run in failed:
         lines.append(f"- `{_rel(run.path, sweep_dir)}` (objective {run.objective}, lr {fmt_lr(run.lr)}, "
                      f"seed {run.seed}, {run.status}): {_md_escape(run.error or '')}")
+    if any(found for by_metric in effects.values() for found in by_metric.values()):
+        lines += ["", "## Paired effects", "", RULE]
     for baseline, by_metric in effects.items():
         section = [line for metric, title in metric_titles.items()
                    for line in effects_markdown(by_metric.get(metric, []), title)]
@@ -247,3 +262,28 @@ def print_console(console: Console, sweep_dir: Path, cells: list[Cell], runs: li
         if not run.completed:
             console.print(f"[red]{escape(run.status)} {escape(_rel(run.path, sweep_dir))}: "
                           f"{escape(one_line(run.error or ''))}[/red]")
+
+
+def print_effects(console: Console, effects: dict[str, dict[str, list[Effect]]],
+                  metric_titles: dict[str, str]) -> None:
+    """The paired effects on the terminal: one table per baseline and metric (one question each),
+    with the 95% interval, p, Holm-adjusted p and resolved; the rule once, before them."""
+    tables = [(baseline, metric, found) for baseline, by_metric in effects.items()
+              for metric, found in by_metric.items() if found and metric in metric_titles]
+    if not tables:
+        return
+    console.print(escape(RULE.replace("**", "")))
+    for baseline, metric, found in tables:
+        setting_keys = list(dict.fromkeys(item.partition("=")[0] for e in found for item in e.settings))
+        table = Table(title=f"{metric_titles[metric]}: paired effects against {BASELINES[baseline]}")
+        for header in ["objective", "SFT lr", *setting_keys]:
+            table.add_column(header, no_wrap=True)
+        for header in ["Δ ± se", "95% CI", "df", "p", "p (Holm)", "resolved"]:
+            table.add_column(header, justify="right", no_wrap=True)
+        for effect in found:
+            settings = dict(item.partition("=")[::2] for item in effect.settings)
+            se = f" ±{effect.se:.3f}" if effect.se is not None else ""
+            row = [effect.objective, fmt_lr(effect.lr), *(settings.get(key, "—") for key in setting_keys),
+                   f"{effect.mean:+.3f}{se}", *inference_cells(effect)]
+            table.add_row(*(escape(value) for value in row), style="bold" if effect.resolved else None)
+        console.print(table)

@@ -21,7 +21,8 @@ from pathlib import Path
 from ibridge.naming import fmt_lr
 
 CELL_COLUMNS = ("objective", "lr", "overrides", "seeds", "runs", "completed", "status", "error")
-EFFECT_COLUMNS = ("metric", "objective", "lr", "mean", "se", "relative", "n_units")
+EFFECT_COLUMNS = ("metric", "objective", "lr", "mean", "se", "relative", "n_units", "ci95_low", "ci95_high", "p",
+                  "p_holm", "resolved")
 
 
 def _select(tree, dotted: str):
@@ -61,8 +62,10 @@ def effects_table(payload: dict) -> tuple[list[str], list[list]]:
     rows = []
     for metric, effects in (payload.get("effects") or {}).items():
         for effect in effects:
+            ci = effect.get("ci95") or [None, None]
             rows.append([metric, effect.get("objective"), _scalar(effect.get("lr")), effect.get("mean"),
-                         effect.get("se"), effect.get("relative"), len(effect.get("units") or [])])
+                         effect.get("se"), effect.get("relative"), len(effect.get("units") or []), ci[0], ci[1],
+                         effect.get("p"), effect.get("p_holm"), effect.get("resolved")])
     return list(EFFECT_COLUMNS), [[_scalar(v) for v in row] for row in rows]
 
 

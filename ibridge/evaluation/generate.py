@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ibridge.data.end_of_turn import stop_token_ids
+from ibridge.data.end_of_turn import cut_at_stop, generation_stops
 from ibridge.data.formatting import prompt_ids
 from ibridge.distributed import DistInfo, merge_shares, shard_of
 from ibridge.runtime import Runtime
@@ -140,9 +140,10 @@ def generate(
     length, so batches carry little padding: at most `batch_size` rows and, with
     `max_batch_tokens`, at most that many tokens of prompt and new tokens per batch
     (:func:`generation_batches`). Generation stops at EOS or at the
-    chat template's end-of-turn token (`ibridge.data.end_of_turn`); ``response_ids``
-    stop at and include the first of them, so that log pi(y|x) covers the decision
-    to stop, and ``text`` is the reply without it. Whatever the checkpoint's
+    chat template's end-of-turn token, or its end-of-turn text where the template ends a
+    turn with text (`ibridge.data.end_of_turn`); ``response_ids`` stop at and include the
+    first of them (the token that completes the text), so that log pi(y|x) covers the
+    decision to stop, and ``text`` is the reply without it. Whatever the checkpoint's
     generation_config says, no logits processor is applied (`PURE_DECODING`).
 
     With `seed`, batch k samples from an RNG seeded by :func:`batch_seed` (seed, k) and the
@@ -152,8 +153,10 @@ def generate(
     """
     model.eval()
     pad = tokenizer.pad_token_id
-    stops = stop_token_ids(tokenizer)
+    stops, stop_texts = generation_stops(tokenizer)
     settings = decoding_settings(do_sample, temperature)
+    if stop_texts:  # the template ends a turn with text, not one token (ibridge.data.end_of_turn)
+        settings.update(stop_strings=stop_texts, tokenizer=tokenizer)
     encoded = [prompt_ids(tokenizer, prompt) for prompt in prompts]
     results: list[dict | None] = [None] * len(prompts)
     batches = generation_batches([len(ids) for ids in encoded], max_new_tokens, batch_size,
@@ -180,18 +183,10 @@ def generate(
             )
         new_tokens = output[:, width:].cpu().tolist()
         for row, index in enumerate(chunk):
-            tokens = new_tokens[row]
-            # A row that stopped is padded after its stop token; one that did not ran to
+            # A row that stopped is padded after its stop; one that did not ran to
             # max_new_tokens and holds only generated tokens (a generated pad id included).
-            end = next((t for t, token in enumerate(tokens) if token in stops), None)
-            if end is not None:
-                tokens = tokens[: end + 1]
-            reply = tokens if end is None else tokens[:-1]
-            results[index] = {
-                "text": tokenizer.decode(reply, skip_special_tokens=True).strip(),
-                "prompt_ids": encoded[index],
-                "response_ids": tokens,
-            }
+            tokens, text = cut_at_stop(tokenizer, new_tokens[row], stops, stop_texts)
+            results[index] = {"text": text, "prompt_ids": encoded[index], "response_ids": tokens}
     if shard is not None:
         results = merge_shares(results, shard)
     return results  # type: ignore[return-value]

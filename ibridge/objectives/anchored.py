@@ -8,16 +8,16 @@ Per scored token ``t`` (demonstration prefix ``s_t``), averaged over the scored 
 with ``KL_t`` the exact KL between the policy's and the reference's next-token distributions
 at ``s_t`` (``vocab_divergence.py``), in the direction ``kl_direction``:
 
-* ``policy_ref`` (default): KL(pi(.|s_t) || pi_ref(.|s_t)) — docs/design.md §1's anchor, taken per
-  prefix, and what ``kl/token`` measures; the ASFT paper (Zhu et al., arXiv 2509.23753) writes
-  its anchor in this direction, as far as the public record shows (Unsloth's port,
-  ``unsloth/losses/asft.py``, says so).
-* ``ref_policy``: KL(pi_ref(.|s_t) || pi(.|s_t)) — what ASFT's released code computes:
+* ``policy_ref`` (``sft_kl``'s default): KL(pi(.|s_t) || pi_ref(.|s_t)) — docs/design.md §1's
+  anchor, taken per prefix, and what ``kl/token`` measures; the ASFT paper (Zhu et al., arXiv
+  2509.23753) writes its anchor in this direction, as far as the public record shows (Unsloth's
+  port, ``unsloth/losses/asft.py``, says so).
+* ``ref_policy`` (``asft``'s default, so that ``objective=asft`` is the published method):
+  KL(pi_ref(.|s_t) || pi(.|s_t)) — what ASFT's released code computes:
   github.com/zhuchichi56/ASFT ``train_v2.py`` (``EnhancedTrainer.compute_loss``, modes
   ``sft+kl`` and ``asft``: ``F.kl_div(F.log_softmax(logits), F.softmax(ref_logits))``, i.e.
   ``sum q (log q - log p)``, added to the token losses with ``kl_weight`` and averaged over
-  the valid tokens); LLaMA-Factory's ``asft_loss_func`` does the same. Use it to reproduce
-  their numbers.
+  the valid tokens); LLaMA-Factory's ``asft_loss_func`` does the same.
 
 ``kl_coef`` defaults to 0.05, the value of the ASFT README's training command ("Train an ASFT
 model with default settings"); ``train_v2.py``'s argument default is 0.1. ``sft_kl`` is ASFT's
@@ -124,9 +124,12 @@ class SFTKL(_Anchored):
 
 class ASFT(_Anchored):
     """``asft``: Anchored SFT (arXiv 2509.23753), token-averaged ``-sg(p_t) log p_t + kl_coef · KL_t``
-    (github.com/zhuchichi56/ASFT ``train_v2.py``, mode ``asft``)."""
+    with KL_t = KL(pi_ref || pi) by default (github.com/zhuchichi56/ASFT ``train_v2.py``, mode ``asft``)."""
 
     name: ClassVar[str] = "asft"
+
+    def __init__(self, kl_coef: float = 0.05, kl_direction: str = "ref_policy") -> None:
+        super().__init__(kl_coef, kl_direction)  # the released code's direction (module docstring)
 
     def _token_losses(self, policy_logps: Tensor) -> Tensor:
         return dft_token_losses(policy_logps)
