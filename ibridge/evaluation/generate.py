@@ -6,11 +6,11 @@ import contextlib
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ibridge.data.end_of_turn import stop_token_ids
 from ibridge.data.formatting import prompt_ids
 from ibridge.distributed import DistInfo, merge_shares, shard_of
+from ibridge.progress import progress_bar
 from ibridge.runtime import Runtime
 
 # Every `generation_config` setting that changes which token is drawn (logits processors
@@ -133,7 +133,7 @@ def generate(
     results: list[dict | None] = [None] * len(prompts)
     starts = list(range(0, len(order), batch_size))
     mine = shard_of(len(starts), shard) if shard is not None else range(len(starts))
-    for k in tqdm(mine, desc=desc, unit="batch", disable=desc is None, dynamic_ncols=True):
+    for k in progress_bar(mine, desc=desc, unit="batch", disable=desc is None):
         chunk = order[starts[k] : starts[k] + batch_size]
         width = max(len(encoded[i]) for i in chunk)
         input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)  # (B, T)
