@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def _hydra_entry(cfg: DictConfig) -> None:
-    run(cfg)
+def _hydra_entry(cfg: DictConfig) -> dict:
+    return run(cfg)  # a sweep cell's results reach its launcher (a Slurm cell's ranks: ibridge/slurm/cell.py)
 
 
 def _group_name(hydra_cfg, run_dir: Path) -> str:
@@ -129,6 +129,7 @@ def _group_name(hydra_cfg, run_dir: Path) -> str:
 
 def run(cfg: DictConfig) -> dict:
     """Validate, run the job, and write results.json last, atomically (rank 0 only under DDP)."""
+    from ibridge import launch_env
     from ibridge.distributed import barrier, shutdown
     from ibridge.io import write_json_atomic
     from ibridge.runtime import resolve_runtime
@@ -156,7 +157,10 @@ def run(cfg: DictConfig) -> dict:
         if main_process:
             prepare_run_dir(run_dir, cfg)
         barrier(runtime.dist)
-        identity = {"sweep": str(Path(hydra_cfg.sweep.dir).resolve()) if multirun else None}
+        # How it was launched (world size; Slurm job id and requeues): results.json and wandb config.
+        launched = launch_env.identity(runtime.dist.world_size)
+        results.update(launched)
+        identity = {"sweep": str(Path(hydra_cfg.sweep.dir).resolve()) if multirun else None, **launched}
         results.update(_run_job(cfg, run_dir, _group_name(hydra_cfg, run_dir), runtime, identity,
                                 list(hydra_cfg.overrides.task)))
         results["status"] = "completed"
@@ -182,8 +186,11 @@ def run(cfg: DictConfig) -> dict:
         write_results({**results, "runtime_s": round(time.time() - started, 2)})
         if multirun and isinstance(err, StopRequested):
             # SIGTERM stops the whole sweep. Hydra's launchers record an Exception as a
-            # failed cell and start the next one; SystemExit is not an Exception.
-            log.error("%s; the sweep stops here", err)
+            # failed cell and start the next one; SystemExit is not an Exception. A Slurm
+            # cell's preemption signal ends its job, which the launcher requeues (ibridge/slurm/).
+            from ibridge.preemption import preempted
+
+            log.error("%s%s", err, "" if preempted() else "; the sweep stops here")
             raise SystemExit(128 + signal.SIGTERM) from None
         if multirun:
             log.error("run failed: %s (traceback in %s)", err, run_dir / "error.log")
