@@ -45,13 +45,13 @@ def preemption_signal() -> int:
     return JobEnvironment._usr_sig()
 
 
-def run_hydra_job(launcher, args: tuple, write_hydra_files: bool):
+def run_hydra_job(launcher, args: tuple, writes_cell: bool):
     """Hydra's submitit launcher's job body (``BaseSubmititLauncher.__call__``), except that only
-    the rank that writes the cell folder saves ``.hydra/`` in it."""
+    the rank that writes the cell folder saves ``.hydra/`` and Hydra's job log (``<job>.log``) in it."""
     import submitit
     from hydra.core.singleton import Singleton
     from hydra.core.utils import run_job, setup_globals
-    from omegaconf import open_dict
+    from omegaconf import OmegaConf, open_dict, read_write
 
     sweep_overrides, job_dir_key, job_num, _job_id, singleton_state = args
     Singleton.set_state(singleton_state)
@@ -60,9 +60,15 @@ def run_hydra_job(launcher, args: tuple, write_hydra_files: bool):
     with open_dict(sweep_config.hydra.job) as job:
         job.id = submitit.JobEnvironment().job_id
         sweep_config.hydra.job.num = job_num
-    if not write_hydra_files:
-        with open_dict(sweep_config.hydra):
+    if not writes_cell:
+        with read_write(sweep_config.hydra), open_dict(sweep_config.hydra):
             sweep_config.hydra.output_subdir = None
+            logging_cfg = OmegaConf.select(sweep_config, "hydra.job_logging")
+            if logging_cfg is not None and "file" in (logging_cfg.get("handlers") or {}):
+                del logging_cfg.handlers["file"]  # the console (this task's Slurm log) only
+                root = logging_cfg.get("root") or {}
+                if "file" in (root.get("handlers") or []):
+                    root.handlers = [name for name in root.handlers if name != "file"]
     return run_job(hydra_context=launcher.hydra_context, task_function=launcher.task_function,
                    config=sweep_config, job_dir_key=job_dir_key, job_subdir_key="hydra.sweep.subdir")
 
@@ -121,7 +127,7 @@ def run_task(launcher, args: tuple) -> TaskOutcome:
 
     arm_preemption(signum, on_idle)
     try:
-        job_return = run_hydra_job(launcher, args, write_hydra_files=launch.rank == 0)
+        job_return = run_hydra_job(launcher, args, writes_cell=launch.rank == 0)
     except SystemExit:
         if preemption.preempted():
             requeue_or_leave(launch.rank, requeue)

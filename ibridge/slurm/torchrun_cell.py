@@ -127,7 +127,7 @@ def worker(node_job: Path) -> None:
     node = os.environ.get("GROUP_RANK", "0")
     record = errors / f"rank{launch.rank}.node{node}.txt"
     try:
-        outcome = task_outcome(run_hydra_job(launcher, args, write_hydra_files=launch.rank == 0), launch)
+        outcome = task_outcome(run_hydra_job(launcher, args, writes_cell=launch.rank == 0), launch)
     except Exception as err:
         message = str(err) if isinstance(err, RankFailed) else f"rank {launch.rank}: {type(err).__name__}: {err}"
         record.write_text(f"{time.time()}\t{message}")

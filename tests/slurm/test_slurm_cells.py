@@ -84,6 +84,9 @@ def test_two_rank_cells_end_with_the_weights_of_the_same_cells_under_torchrun(sw
         steps = [json.loads(line)["step"] for line in (cells[num] / "metrics.jsonl").read_text().splitlines()
                  if "train/loss" in line]
         assert steps == [2, 4, 6]
+        # Hydra's job log and .hydra/ too: rank 0's alone
+        assert (cells[num] / "cli.log").read_text().count("ibridge][INFO] - job=train") == 1
+        assert (cells[num] / ".hydra" / "overrides.yaml").is_file()
 
 
 def test_a_cell_records_its_world_size_and_slurm_job_in_stage_json_and_wandb(sweep):

@@ -61,9 +61,13 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
 fi
 
-# munge: the key comes with the package; the daemon runs as its own user.
+# munge: the key usually comes with the package; the daemon runs as its own user.
 mkdir -p /run/munge /var/log/munge /var/lib/munge
 chown munge:munge /run/munge /var/log/munge /var/lib/munge
+if [[ ! -f /etc/munge/munge.key ]]; then
+    mungekey --create 2>/dev/null || create-munge-key -f
+    chown munge:munge /etc/munge/munge.key
+fi
 if ! pgrep -x munged >/dev/null; then
     runuser -u munge -- /usr/sbin/munged
 fi
