@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU build of torch unless the machine has a GPU (a bare `torch` pulls a multi-GB CUDA build).
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: help setup setup-deepspeed run smoke test test-fast lint bench-objectives bench-trl bench-scale gpu-check measure \
+.PHONY: help setup setup-deepspeed run smoke test test-fast test-slurm lint bench-objectives bench-trl bench-scale gpu-check measure \
 	reproduce reproduce-forgetting reproduce-default reproduce-lr reproduce-objectives reproduce-beta reproduce-divergence reproduce-length reproduce-forgetting-length reproduce-optimiser \
 	reproduce-dpo-strength clean
 
@@ -38,14 +38,19 @@ run: setup  ## run the default pipeline (base -> SFT -> DPO -> eval) on the toy 
 smoke: setup  ## a one-to-two-minute pipeline on a tiny world and model
 	$(BIN)/ibridge debug=smoke
 
-test: setup $(VENV)/.deepspeed  ## every test, on 2 processes (what CI runs; installs the DeepSpeed extra to test it)
-	$(BIN)/python -m pytest -q -n 2
+# --dist loadgroup: the tests/slurm cells share their fixtures on one worker (xdist_group "slurm").
+test: setup $(VENV)/.deepspeed  ## every test, on 2 processes (what CI runs; installs the DeepSpeed extra to test it; tests/slurm skip without tests/slurm/up.sh's Slurm)
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 test-fast: setup  ## the fast tier: maths, configs, data, one smoke pipeline (no kill/resume, sweep or DDP runs)
 	$(BIN)/python -m pytest -q -n 2 -m "not slow"
 
+test-slurm: setup  ## bring up a one-node Slurm here (tests/slurm/up.sh: root, apt-get), run tests/slurm on it, stop it
+	bash tests/slurm/up.sh
+	$(BIN)/python -m pytest -q tests/slurm -p no:cacheprovider; status=$$?; bash tests/slurm/down.sh; exit $$status
+
 lint: setup  ## ruff
-	$(BIN)/ruff check ibridge tests benchmarks
+	$(BIN)/ruff check ibridge tests benchmarks hydra_plugins
 
 measure: setup  ## the default pipeline over seeds 0,1,2, then the per-stage gold-reward table
 	$(BIN)/ibridge -m seed=0,1,2 hydra.sweep.dir=multirun/measure-default

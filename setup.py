@@ -9,7 +9,7 @@ YAML files as the data of a known package.
 
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, find_packages, setup
 
 CONF = Path("conf")
 CONF_PACKAGES = ["ibridge.conf"] + [
@@ -18,7 +18,9 @@ CONF_PACKAGES = ["ibridge.conf"] + [
 ]
 
 setup(
-    packages=[*find_packages(include=["ibridge", "ibridge.*"]), *CONF_PACKAGES],
+    packages=[*find_packages(include=["ibridge", "ibridge.*"]), *CONF_PACKAGES,
+              # the Slurm launcher, found by Hydra in its hydra_plugins namespace
+              *find_namespace_packages(include=["hydra_plugins.*"])],
     package_dir={"ibridge.conf": "conf"},
     package_data={name: ["*.yaml"] for name in CONF_PACKAGES},
 )

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_entry(cfg: DictConfig) -> dict:
-    return run(cfg)  # a sweep's callback reads it (a skipped cell: ibridge.summary.progress_line)
+    return run(cfg)  # a sweep's callback reads it (a skipped cell: ibridge.summary.progress_line; a Slurm cell's ranks: ibridge/slurm/cell.py)
 
 
 def _group_name(hydra_cfg, run_dir: Path) -> str:
@@ -148,6 +148,7 @@ def _refused(err: ConfigError, run_dir: Path, results: dict, write_results, mult
 
 def run(cfg: DictConfig) -> dict:
     """Validate, run the job, and write results.json last, atomically (rank 0 only under DDP)."""
+    from ibridge import launch_env
     from ibridge.distributed import barrier, shutdown
     from ibridge.io import write_json_atomic
     from ibridge.runtime import resolve_runtime
@@ -183,7 +184,10 @@ def run(cfg: DictConfig) -> dict:
             failed = False
             return {**earlier, "skipped": True}
         barrier(runtime.dist)
-        identity = {"sweep": str(Path(hydra_cfg.sweep.dir).resolve()) if multirun else None}
+        # How it was launched (world size; Slurm job id and requeues): results.json and wandb config.
+        launched = launch_env.identity(runtime.dist.world_size)
+        results.update(launched)
+        identity = {"sweep": str(Path(hydra_cfg.sweep.dir).resolve()) if multirun else None, **launched}
         results.update(_run_job(cfg, run_dir, _group_name(hydra_cfg, run_dir), runtime, identity,
                                 list(hydra_cfg.overrides.task)))
         results["status"] = "completed"
@@ -217,10 +221,15 @@ def run(cfg: DictConfig) -> dict:
         write_results({**results, "runtime_s": round(time.time() - started, 2)})
         if isinstance(err, StopRequested):
             # SIGTERM stops the whole sweep. Hydra's launchers record an Exception as a
-            # failed cell and start the next one; SystemExit is not an Exception.
+            # failed cell and start the next one; SystemExit is not an Exception. A Slurm
+            # cell's preemption signal ends its job, which the launcher requeues (ibridge/slurm/).
             from ibridge.interrupts import EXIT_SIGTERM, stop_run
+            from ibridge.preemption import preempted
 
-            stop_run(run_dir, None, write_results, main_process, str(err).split("; run the same")[0], EXIT_SIGTERM)
+            if preempted():
+                log.error("%s", err)
+                raise SystemExit(EXIT_SIGTERM) from None
+            stop_run(run_dir, None, write_results, main_process, str(err).split("; ")[0], EXIT_SIGTERM)
         if multirun:
             log.error("run failed: %s (traceback in %s)", err, run_dir / "error.log")
             return results

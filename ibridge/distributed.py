@@ -25,13 +25,14 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-DATA_PARALLEL_MODES = ("ddp", "fsdp", "deepspeed")
+from ibridge import launch_env
+from ibridge.launch_env import DATA_PARALLEL_MODES  # noqa: F401 - its old home: ibridge.config imports it from here
+
 # The first torch release whose public torch.distributed.fsdp exports FSDP2's fully_shard and
 # MixedPrecisionPolicy (before: torch.distributed._composable.fsdp). pyproject.toml's floor.
 FSDP2_MIN_TORCH = "2.6"
@@ -45,6 +46,8 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    # The CUDA device of this rank: its local rank, or 0 where Slurm binds one GPU to each task.
+    device_index: int = 0
     mode: str = "none"  # "none" or one of DATA_PARALLEL_MODES
     reshard_after_forward: bool = True  # fsdp only: ZeRO-3 (True) or ZeRO-2 (False)
     zero_stage: int = 0  # deepspeed only: 1, 2 or 3
@@ -70,7 +73,7 @@ class DistInfo:
 
 
 def launched_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return launch_env.detect().world_size
 
 
 def process_group_backend(device_type: str) -> str:
@@ -81,28 +84,31 @@ def process_group_backend(device_type: str) -> str:
 
 
 def init_distributed(trainer_cfg) -> DistInfo:
-    """Join the process group torchrun set up; a no-op in a single process."""
+    """Join the process group of a torchrun job or of a Slurm step's tasks (ibridge/launch_env.py);
+    a no-op in a single process. A data-parallel trainer without such a job, or several processes
+    without one, is a ConfigError: either would run silently wrong."""
     mode = trainer_cfg.get("distributed", "none")
-    world = launched_world_size()
+    launch = launch_env.detect()
+    launch_env.check(mode, launch)
+    world = launch.world_size
     if world <= 1:
         return DistInfo()
-    if mode not in DATA_PARALLEL_MODES:
-        raise RuntimeError(
-            f"launched with {world} processes but trainer.distributed={mode!r}: use trainer=ddp, "
-            "trainer=fsdp or trainer=deepspeed (or launch a single process)"
-        )
+    launch_env.export(launch)  # a Slurm step: torch's env:// variables, as torchrun sets them
     on_gpu = torch.cuda.is_available() and trainer_cfg.get("device", "auto") != "cpu"
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = launch.local_rank
+    device_index = (launch_env.cuda_device_index(local_rank, launch.local_world_size, torch.cuda.device_count())
+                    if on_gpu else 0)
     if on_gpu:
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(device_index)
     timeout = datetime.timedelta(minutes=float(trainer_cfg.get("dist_timeout_min", DEFAULT_TIMEOUT_MIN)))
     if not dist.is_initialized():
         dist.init_process_group(backend=process_group_backend("cuda" if on_gpu else "cpu"), timeout=timeout)
     fsdp_cfg = trainer_cfg.get("fsdp") or {}
-    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, mode=mode,
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
+                    device_index=device_index, mode=mode,
                     reshard_after_forward=bool(fsdp_cfg.get("reshard_after_forward", True)),
                     zero_stage=int((trainer_cfg.get("deepspeed") or {}).get("zero_stage", 0)) if mode == "deepspeed" else 0,
-                    collective_device=f"cuda:{local_rank}" if on_gpu else "cpu",
+                    collective_device=f"cuda:{device_index}" if on_gpu else "cpu",
                     timeout_min=timeout.total_seconds() / 60)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from ibridge.distributed import DistInfo
+from ibridge.distributed import DistInfo, barrier
 from ibridge.io import publish_dir, staging_dir
 from ibridge.runtime import Runtime, seed_everything
 
@@ -180,13 +180,20 @@ def ensure_toy_base(model_cfg, world_config, runtime: Runtime) -> Path:
         return Path(str(model_cfg.name_or_path)).expanduser()
     key = toy_base_key(model_cfg, world_config)
     final = cache_root(model_cfg) / "base" / key
-    with _file_lock(final.with_suffix(".lock")):
+    if runtime.dist.enabled and not runtime.dist.is_main:
+        # Rank 0 builds it: inside a process group transformers' save_pretrained writes the
+        # weights on rank 0 only, so a base built by another rank would have none.
+        barrier(runtime.dist)
+        if not (final / READY_MARKER).is_file():
+            raise FileNotFoundError(f"{final}: rank 0 built no toy base model here")
+        return final
+    with _file_lock(final.with_suffix(".lock")):  # parallel sweep cells build it once
         if (final / READY_MARKER).is_file():
             log.info("toy base model: reusing %s", final)
-            return final
-        log.info("toy base model: building %s (once; cached afterwards)", final)
-        # Built by one process even under DDP (the others wait on the lock).
-        build_toy_base(model_cfg, world_config, dataclasses.replace(runtime, dist=DistInfo()), final)
+        else:
+            log.info("toy base model: building %s (once; cached afterwards)", final)
+            build_toy_base(model_cfg, world_config, dataclasses.replace(runtime, dist=DistInfo()), final)
+    barrier(runtime.dist)  # the other ranks wait for it above
     return final
 
 

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from ibridge.data.collate import pad_sequences
 from ibridge.distributed import DistInfo, all_gather_objects, broadcast_from_main, shard_of
@@ -38,6 +37,7 @@ from ibridge.fingerprint import model_fingerprint, numerics_fingerprint
 from ibridge.io import honour_umask
 from ibridge.models import load_model, reference_pass_dtype
 from ibridge.packing import PackedForward, scored_logps
+from ibridge.progress import progress_bar
 from ibridge.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def sequence_token_logps(
     batches = token_budget_batches(lengths, max_tokens)
     if shard is not None and shard.enabled:
         batches = [batches[k] for k in shard_of(len(batches), shard)]
-    for chunk in tqdm(batches, desc=desc, unit="batch", disable=desc is None, dynamic_ncols=True):
+    for chunk in progress_bar(batches, desc=desc, unit="batch", disable=desc is None):
         batch = pad_sequences([sequences[i] for i in chunk], pad_id)
         batch = {key: value.to(runtime.device) for key, value in batch.items()}
         with runtime.autocast():

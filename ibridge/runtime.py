@@ -40,7 +40,7 @@ def resolve_runtime(trainer_cfg, model_cfg=None) -> Runtime:
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and dist.enabled:
-        requested = f"cuda:{dist.local_rank}"
+        requested = f"cuda:{dist.device_index}"
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"trainer.device={requested}: no CUDA device is available")
     device = torch.device(requested)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ibridge import launch_env
 from ibridge.adapters import ADAPTER_DIR, save_adapter
 from ibridge.data.collate import collate_demonstrations, collate_pairs
 from ibridge.data.formatting import IGNORE_INDEX, encode_split
@@ -248,6 +249,7 @@ def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path
         record["world_size"] = ctx.runtime.dist.world_size
         record["distributed"] = ctx.runtime.dist.mode
         record["rank_checksums"] = summary.rank_checksums
+    record.update(launch_env.identity(ctx.runtime.dist.world_size))  # world size; Slurm job id, requeues
     del reference  # the training step's reference model, if any
     if lora_enabled(cfg.model):  # the adapters alone too, before they are merged away
         record["adapter"] = str(out_dir / ADAPTER_DIR)

@@ -169,6 +169,7 @@ def sweep_table(sweep_dir: Path) -> Table:
         status = results.get("status", "?")
         if status != "completed":
             status = f"[red]{escape(status)}: {escape(str(results.get('error', ''))[:80])}[/red]"
+        status += requeue_note(results)
         dpo = evals.get("dpo") or {}
         rows.append([path.parent.name.split("_", 1)[0], escape(label), status,
                      _num((evals.get("sft") or {}).get("win_rate")), _win_rate(dpo), _num(dpo.get("gold_reward")),
@@ -187,6 +188,12 @@ def sweep_table(sweep_dir: Path) -> Table:
     for row in rows:
         table.add_row(*row)
     return table
+
+
+def requeue_note(results: dict) -> str:
+    """`` (requeued 2x)`` for a Slurm cell that was requeued (time limit, preemption), else empty."""
+    count = results.get("requeues") or 0
+    return f" (requeued {count}x)" if isinstance(count, int) and count > 0 else ""
 
 
 def _seed(results: dict) -> str:
@@ -241,6 +248,7 @@ def progress_line(config, job_return, job_started: float | None, sweep_started: 
         took = f" in {_runtime(results['runtime_s'])}"
     else:
         took = "" if job_started is None else f" in {_runtime(now - job_started)}"
+    status += requeue_note(results)
     total = "" if sweep_started is None else f" (sweep {_runtime(now - sweep_started)})"
     dpo = (results.get("eval_by_stage") or {}).get("dpo") or {}
     scores = f" | dpo win rate {_num(dpo.get('win_rate'))}, gold {_num(dpo.get('gold_reward'))}" if dpo else ""
@@ -278,6 +286,10 @@ class SweepSummary(Callback):
     def on_job_end(self, config, job_return, **kwargs) -> None:
         if getattr(self, "_started", None) is None:
             return  # a single run (not a sweep) prints its own table
+        from ibridge.launch_env import detect
+
+        if detect().rank != 0:
+            return  # a multi-rank cell: rank 0 speaks for it
         try:
             print(progress_line(config, job_return, getattr(self, "_job_started", None), self._started),
                   flush=True)

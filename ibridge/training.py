@@ -14,10 +14,7 @@ The loop knows no loss: a stage passes `compute(model, batch) -> ObjectiveOutput
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -25,13 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ibridge.batching import micro_batch_weight, optimiser_steps, scored_tokens, steps_per_epoch
 from ibridge.checkpointing import has_state, load_state, save_state
 from ibridge.distributed import all_reduce_sum, parameter_checksums, wrap
 from ibridge.packing import training_forward
+from ibridge.preemption import resume_hint, signal_name, stop_on_signals
+from ibridge.progress import progress_bar
 from ibridge.runtime import Runtime
 from ibridge.save_schedule import SaveSchedule, restore_window, window_totals
 from ibridge.updates import NonFiniteLoss, TorchUpdate
@@ -89,25 +87,8 @@ class StageSummary:
 
 
 class StopRequested(RuntimeError):
-    """SIGTERM arrived: the stage saved its state at a step boundary and stopped."""
-
-
-@contextlib.contextmanager
-def stop_on_sigterm():
-    """Turn SIGTERM into a flag the loop checks between steps (main thread only)."""
-    flag = {"stop": False}
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum, frame):
-        flag["stop"] = True
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    """SIGTERM (or a Slurm cell's preemption signal) arrived: the stage saved its state at a step
+    boundary and stopped."""
 
 
 def optimise(
@@ -219,9 +200,9 @@ def optimise(
     earlier_runtime = float(payload.get("runtime_s", 0.0))  # training time before the saved state
     window_tokens = 0
     start = window_start = time.perf_counter()
-    progress = tqdm(range(done + 1, total + 1), desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5,
-                    initial=done, total=total, disable=not dist_info.is_main)
-    with stop_on_sigterm() as signal_flag:
+    progress = progress_bar(range(done + 1, total + 1), desc=desc, unit="step", initial=done, total=total,
+                            disable=not dist_info.is_main)
+    with stop_on_signals() as signal_flag:
         for step in progress:
             epoch, plan = next(stream)
             batches = [collate([items[i] for i in micro.indices]) for micro in plan]
@@ -236,8 +217,8 @@ def optimise(
             if stops > 0 or time_due > 0:
                 save(step - 1)
             if stops > 0:
-                raise StopRequested(f"{desc}: stopped by SIGTERM after step {step - 1}; run the same command "
-                                    "to resume")
+                raise StopRequested(f"{desc}: stopped by {signal_name(signal_flag['signal'])} after step {step - 1}; "
+                                    f"{resume_hint()}")
             step_loss = torch.zeros((), device=runtime.device)
             for k, (micro, batch, n) in enumerate(zip(plan, batches, units, strict=True)):
                 weight = micro_batch_weight(n, step_units, world)

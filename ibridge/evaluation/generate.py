@@ -6,11 +6,11 @@ import contextlib
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ibridge.data.end_of_turn import cut_at_stop, generation_stops
 from ibridge.data.formatting import prompt_ids
 from ibridge.distributed import DistInfo, merge_shares, shard_of
+from ibridge.progress import progress_bar
 from ibridge.runtime import Runtime
 
 # Every `generation_config` setting that changes which token is drawn (logits processors
@@ -162,7 +162,7 @@ def generate(
     batches = generation_batches([len(ids) for ids in encoded], max_new_tokens, batch_size,
                                  max_batch_tokens or 2**62)
     mine = shard_of(len(batches), shard) if shard is not None else range(len(batches))
-    for k in tqdm(mine, desc=desc, unit="batch", disable=desc is None, dynamic_ncols=True):
+    for k in progress_bar(mine, desc=desc, unit="batch", disable=desc is None):
         chunk = batches[k]
         width = max(len(encoded[i]) for i in chunk)
         input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)  # (B, T)
