@@ -59,15 +59,16 @@ def stage_table(results: dict) -> Table:
     names = [s for s in STAGE_ORDER if s in evals or s in stages]
     names += [s for s in {**evals, **stages} if s not in names]
     table = Table(title=f"{results.get('job', 'run')} — {results.get('status', '?')}", title_justify="left")
-    judged = judge_columns([evals.get(name) or {} for name in names])  # judge=alpaca_eval: beside the win rate
-    win_rate = "judged win rate [95% CI]" if judged else "win rate [95% CI]"
-    for header in ("stage", "gold reward", win_rate, *(h for h, _ in judged), "KL to ref", "impl. acc", "KL/token",
+    # judge=alpaca_eval: the judged win rate ± se, then the gold win rate and the LC win rate beside it
+    (win_header, win_cell), *judged = judge_columns([evals.get(name) or {} for name in names]) or [
+        ("win rate [95% CI]", _win_rate)]
+    for header in ("stage", "gold reward", win_header, *(h for h, _ in judged), "KL to ref", "impl. acc", "KL/token",
                    "steps", "runtime"):
         table.add_column(header, justify="left" if header == "stage" else "right", no_wrap=True)
     for name in names:
         ev, st = evals.get(name) or {}, stages.get(name) or {}
         label = name if not st.get("objective") else f"{name} ({st['objective']}, lr {fmt_lr(st.get('lr'))})"
-        table.add_row(escape(label), _num(ev.get("gold_reward", ev.get("reward"))), _win_rate(ev),
+        table.add_row(escape(label), _num(ev.get("gold_reward", ev.get("reward"))), win_cell(ev),
                       *(escape(cell(ev)) for _, cell in judged),
                       _num(ev.get("kl_to_ref")), _num(ev.get("implicit_reward_acc")), _num(st.get("kl_token")),
                       str(st.get("steps", "—")), _runtime(st.get("runtime_s")))

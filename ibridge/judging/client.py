@@ -12,6 +12,7 @@ is a :class:`RequestFailed` naming the endpoint and the status.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 from dataclasses import dataclass
 
@@ -48,6 +49,8 @@ class JudgeClient:
     def __init__(self, settings: JudgeSettings, annotator: Annotator):
         import openai
 
+        for name in ("httpx", "httpx2"):  # one INFO line per request otherwise (Hydra logs INFO)
+            logging.getLogger(name).setLevel(logging.WARNING)
         self.settings, self.annotator = settings, annotator
         options = {"max_retries": settings.max_retries, "timeout": settings.timeout_s}
         if settings.client_config is not None:

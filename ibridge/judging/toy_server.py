@@ -65,7 +65,7 @@ class ToyJudgeServer:
         self.fail_first, self.fail_status, self.die_after = fail_first, fail_status, die_after
         self.api_key, self.max_requests, self.lifetime_s = api_key, max_requests, lifetime_s
         self.seen: list[tuple[str, str, str]] = []
-        self.counts = {"requests": 0, "failed": 0, "answered": 0, "rejected": 0}
+        self.counts = {"requests": 0, "failed": 0, "answered": 0, "rejected": 0, "billed_tokens": 0}
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler(self))
         self._httpd.daemon_threads = True
@@ -92,6 +92,10 @@ class ToyJudgeServer:
     def _shutdown(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped.is_set()
 
     def wait_stopped(self, timeout: float = 10.0) -> None:
         self._thread.join(timeout)
@@ -124,6 +128,7 @@ class ToyJudgeServer:
         with self._lock:
             self.seen.append((instruction.group(1), outputs[0], outputs[1]))
             self.counts["answered"] += 1
+            self.counts["billed_tokens"] += len(text.split()) + 1  # the usage it reports below
             if self.die_after is not None and self.counts["answered"] >= self.die_after:
                 self.stop()
         return 200, {}, self._completion(log_m, log_big_m, len(text.split()))
@@ -169,6 +174,9 @@ def _handler(server: ToyJudgeServer):
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = json.loads(self.rfile.read(length) or b"{}")
+            if server.stopped:  # a kept-alive connection to a stopped server: drop it unanswered, as a dead one
+                self.close_connection = True
+                return
             if not self._authorised():
                 return
             if not self.path.rstrip("/").endswith("/chat/completions"):

@@ -1,0 +1,223 @@
+"""judge=alpaca_eval against a real HTTP server on 127.0.0.1 (ibridge/judging/toy_server.py).
+
+The server speaks OpenAI's chat-completions API with logprobs/top_logprobs; its P(m) is a
+logistic in the gold rewards of the two outputs it is shown. Requests go through the real
+openai client, the prompts are built from alpaca_eval's template, and the answers parsed
+by alpaca_eval's log-prob parser. Nothing here reaches the internet: every client is
+pointed at the local server, and no real key is used.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ibridge.judging.annotator import Annotator, Pair
+from ibridge.judging.cache import JudgmentCache
+from ibridge.judging.client import JudgeClient
+from ibridge.judging.metrics import judged_metrics
+from ibridge.judging.names import LC_ONE_MODEL
+from ibridge.judging.runner import JudgingIncomplete, judge_pairs
+from ibridge.judging.settings import JudgeError, judge_settings
+from ibridge.judging.toy_server import ToyJudgeServer
+from ibridge.world import WorldConfig, build_world
+from ibridge.world import judge as gold_judge
+
+MODEL = "toy-gold-judge"
+TEMPERATURE = 0.1
+
+
+def settings(base_url: str, **overrides):
+    cfg = {"annotator": "weighted_alpaca_eval_gpt4_turbo", "model": MODEL, "base_url": base_url,
+           "api_key_env": None, "client_config": None, "concurrency": 4, "max_retries": 4, "timeout_s": 10,
+           "price_per_million_tokens": 10.0, "seed": 0, **overrides}
+    return judge_settings(cfg)
+
+
+@pytest.fixture(scope="module")
+def pairs() -> list[Pair]:
+    """The toy world's 200 evaluation prompts: a third answered exactly as the reference
+    (identical: a tie, never sent), the rest cut short or run on, so the gold rewards differ."""
+    world = build_world(WorldConfig())
+    out = []
+    for i, example in enumerate(world.eval):
+        words = example["reference"].split()
+        output = example["reference"] if i % 3 == 0 else " ".join(words[:-1] if i % 3 == 1 else words + ["1"])
+        out.append(Pair(example["prompt"], output, example["reference"]))
+    return out
+
+
+def expected_preference(pair: Pair) -> float:
+    """P(model better) from the server's rule, computed here on its own: 0.5 for identical
+    outputs, else sigmoid((gold(model) - gold(reference)) / T)."""
+    if pair.output == pair.reference:
+        return 0.5
+    diff = gold_judge(pair.instruction, pair.output).reward - gold_judge(pair.instruction, pair.reference).reward
+    return 1.0 / (1.0 + math.exp(-diff / TEMPERATURE))
+
+
+def run(pairs, server, cache_dir, **overrides):
+    judge = settings(server.base_url, **overrides)
+    annotator = Annotator(judge)
+    return judge_pairs(pairs, annotator, lambda: JudgeClient(judge, annotator), JudgmentCache(cache_dir),
+                       judge.concurrency, desc=None)
+
+
+def test_judged_win_rate_is_the_mean_of_the_servers_probabilities(pairs, tmp_path):
+    with ToyJudgeServer(model=MODEL, temperature=TEMPERATURE) as server:
+        judgments = run(pairs, server, tmp_path)
+        sent = sum(p.output != p.reference for p in pairs)
+        assert server.counts["answered"] == sent  # identical outputs are not sent
+    expected = np.array([expected_preference(p) for p in pairs])
+    got = np.array([j.preference for j in judgments])
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+    metrics = judged_metrics(judgments, [p.output for p in pairs], [p.reference for p in pairs], price=1e-5,
+                             judge="j", model=MODEL, bootstrap_resamples=200, seed=0)
+    assert metrics["win_rate"] == pytest.approx(expected.mean(), abs=1e-12)
+    assert metrics["win_rate_se"] == pytest.approx(expected.std(ddof=1) / math.sqrt(len(expected)), abs=1e-12)
+    assert metrics["n_judged"] == len(pairs) and metrics["n_ties"] == len(pairs) - sent
+    assert metrics["lc_method"] == LC_ONE_MODEL  # not AlpacaEval's 805 prompts
+
+
+def test_tokens_and_cost_are_the_servers_usage_times_the_price(pairs, tmp_path):
+    with ToyJudgeServer(model=MODEL) as server:
+        judgments = run(pairs[:30], server, tmp_path)
+        billed = server.counts["billed_tokens"]
+    metrics = judged_metrics(judgments, [p.output for p in pairs[:30]], [p.reference for p in pairs[:30]],
+                             price=10.0 / 1e6, judge="j", model=MODEL, bootstrap_resamples=50, seed=0)
+    assert billed > 0 and metrics["judge_tokens"] == billed
+    assert metrics["judge_cost_usd"] == pytest.approx(billed * 10.0 / 1e6)
+    assert metrics["judge_requests"] == server.counts["answered"] and metrics["judge_cached"] == 0
+
+
+def test_positions_are_randomised_as_alpaca_eval_does(pairs, tmp_path):
+    """About half the time the server sees the model's output first, and exactly where
+    alpaca_eval's own RandomSwitchTwoColumnsProcessor would switch the pair."""
+    import pandas as pd
+    from alpaca_eval.processors import RandomSwitchTwoColumnsProcessor
+
+    with ToyJudgeServer(model=MODEL) as server:
+        run(pairs, server, tmp_path)
+        seen = list(server.seen)
+    sent = [p for p in pairs if p.output != p.reference]
+    model_first = {instr: first == dict((p.instruction, p.output) for p in sent)[instr] for instr, first, _ in seen}
+    share = sum(model_first.values()) / len(model_first)
+    assert 0.35 < share < 0.65, share
+    frame = pd.DataFrame([{"instruction": p.instruction, "output_1": p.reference, "output_2": p.output}
+                          for p in sent])
+    switched = RandomSwitchTwoColumnsProcessor(two_columns_to_switch=["output_1", "output_2"],
+                                               random_seed_columns=["instruction"], seed=0,
+                                               _switch_column="is_switched_outputs").preprocess(frame)
+    assert dict(zip(switched["instruction"], switched["is_switched_outputs"].astype(bool), strict=True)) == model_first
+
+
+def test_a_rerun_makes_no_requests_and_a_changed_output_or_template_misses(pairs, tmp_path):
+    with ToyJudgeServer(model=MODEL) as server:
+        first = run(pairs, server, tmp_path)
+        sent = server.counts["requests"]
+        again = run(pairs, server, tmp_path)
+        assert server.counts["requests"] == sent  # all from the cache
+        assert [j.preference for j in again] == [j.preference for j in first]
+        changed = list(pairs)
+        changed[1] = Pair(changed[1].instruction, changed[1].output + " 7", changed[1].reference)
+        run(changed, server, tmp_path)
+        assert server.counts["requests"] == sent + 1  # only the changed output
+        # The same annotator with one more sentence in its template: every pair is judged again.
+        import alpaca_eval
+
+        configs = Path(alpaca_eval.__file__).parent / "evaluators_configs"
+        mine = tmp_path / "evaluators_configs"
+        shutil.copytree(configs / "weighted_alpaca_eval_gpt4_turbo", mine / "weighted_alpaca_eval_gpt4_turbo")
+        template = mine / "alpaca_eval_clf_gpt4_turbo" / "alpaca_eval_clf.txt"
+        template.parent.mkdir(parents=True)
+        template.write_text((configs / "alpaca_eval_clf_gpt4_turbo" / "alpaca_eval_clf.txt").read_text()
+                            .replace("## Task", "## Task\n\nBe fair.\n"))
+        before = server.counts["requests"]
+        run(pairs, server, tmp_path, annotator=str(mine / "weighted_alpaca_eval_gpt4_turbo"))
+        assert server.counts["requests"] - before == sum(p.output != p.reference for p in pairs)
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_rate_limits_and_server_errors_are_retried(pairs, tmp_path, status):
+    with ToyJudgeServer(model=MODEL, fail_first=6, fail_status=status) as server:
+        judgments = run(pairs[:40], server, tmp_path, concurrency=2, max_retries=5)
+        assert server.counts["failed"] == 6
+        assert server.counts["answered"] == sum(p.output != p.reference for p in pairs[:40])
+    np.testing.assert_allclose([j.preference for j in judgments], [expected_preference(p) for p in pairs[:40]],
+                               atol=1e-12)
+
+
+def test_a_server_that_dies_halfway_leaves_a_resumable_state(pairs, tmp_path):
+    sent = sum(p.output != p.reference for p in pairs)
+    with ToyJudgeServer(model=MODEL, die_after=40) as server:
+        with pytest.raises(JudgingIncomplete, match="run the same command again to resume") as failure:
+            run(pairs, server, tmp_path, concurrency=2, max_retries=1, timeout_s=2)
+        answered = server.counts["answered"]
+    assert answered >= 40
+    assert "\n" not in str(failure.value)
+    with ToyJudgeServer(model=MODEL) as second:
+        judgments = run(pairs, second, tmp_path)
+        # Only what the first server did not answer (an answer in flight when it died may be lost).
+        assert sent - answered <= second.counts["answered"] <= sent - 40
+    np.testing.assert_allclose([j.preference for j in judgments], [expected_preference(p) for p in pairs],
+                               atol=1e-12)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _check(cfg_judge: dict, cache: Path):
+    from omegaconf import OmegaConf
+
+    from ibridge.distributed import DistInfo
+    from ibridge.judging.stage import check_judge
+
+    cfg = OmegaConf.create({"judge": {"name": "alpaca_eval", **cfg_judge}, "model": {"cache_dir": str(cache)}})
+    check_judge(cfg, DistInfo())
+
+
+def _judge_cfg(base_url: str, **overrides) -> dict:
+    return {"annotator": "weighted_alpaca_eval_gpt4_turbo", "model": MODEL, "base_url": base_url,
+            "api_key_env": None, "client_config": None, "concurrency": 2, "max_retries": 1, "timeout_s": 5,
+            "price_per_million_tokens": None, "seed": 0, **overrides}
+
+
+def test_the_endpoint_check_fails_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.delenv("IBRIDGE_TEST_JUDGE_KEY", raising=False)
+    with pytest.raises(JudgeError, match="IBRIDGE_TEST_JUDGE_KEY: that environment variable is not set"):
+        _check(_judge_cfg("http://127.0.0.1:9/v1", api_key_env="IBRIDGE_TEST_JUDGE_KEY"), tmp_path)
+    with pytest.raises(JudgeError, match="unreachable") as unreachable:
+        _check(_judge_cfg(f"http://127.0.0.1:{_free_port()}/v1"), tmp_path)
+    with ToyJudgeServer(model=MODEL, logprobs=False) as server:
+        with pytest.raises(JudgeError, match="returned no log-probabilities") as no_logprobs:
+            _check(_judge_cfg(server.base_url), tmp_path)
+    with ToyJudgeServer(model=MODEL, api_key="right") as server:
+        monkeypatch.setenv("IBRIDGE_TEST_JUDGE_KEY", "wrong")
+        with pytest.raises(JudgeError, match="rejected the API key"):
+            _check(_judge_cfg(server.base_url, api_key_env="IBRIDGE_TEST_JUDGE_KEY"), tmp_path)
+        monkeypatch.setenv("IBRIDGE_TEST_JUDGE_KEY", "right")
+        with pytest.raises(JudgeError, match="judge.model=another: not served"):
+            _check(_judge_cfg(server.base_url, model="another", api_key_env="IBRIDGE_TEST_JUDGE_KEY"), tmp_path)
+        _check(_judge_cfg(server.base_url, api_key_env="IBRIDGE_TEST_JUDGE_KEY"), tmp_path)
+        requests = server.counts["requests"]
+        _check(_judge_cfg(server.base_url, api_key_env="IBRIDGE_TEST_JUDGE_KEY"), tmp_path)
+        assert server.counts["requests"] == requests  # the passed check is cached too
+    for err in (unreachable.value, no_logprobs.value):
+        assert "\n" not in str(err)
+
+
+def test_bad_judge_settings_are_config_errors():
+    from ibridge.config import ConfigError
+
+    for key, value, expected in (("concurrency", 0, "judge.concurrency=0"), ("base_url", "localhost:8000",
+                                 "judge.base_url=localhost:8000"), ("price_per_million_tokens", -1, "judge.price")):
+        with pytest.raises(ConfigError, match=expected):
+            judge_settings({**_judge_cfg("http://127.0.0.1:9/v1"), key: value})
