@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ibridge.judging.display import judge_columns, judge_notes
+from ibridge.judging.display import judged, print_judged
 from ibridge.naming import fmt_lr
 
 STAGE_ORDER = ("base", "checkpoint", "sft", "dpo")
@@ -59,17 +59,13 @@ def stage_table(results: dict) -> Table:
     names = [s for s in STAGE_ORDER if s in evals or s in stages]
     names += [s for s in {**evals, **stages} if s not in names]
     table = Table(title=f"{results.get('job', 'run')} — {results.get('status', '?')}", title_justify="left")
-    # judge=alpaca_eval: the judged win rate ± se, then the gold win rate and the LC win rate beside it
-    (win_header, win_cell), *judged = judge_columns([evals.get(name) or {} for name in names]) or [
-        ("win rate [95% CI]", _win_rate)]
-    for header in ("stage", "gold reward", win_header, *(h for h, _ in judged), "KL to ref", "impl. acc", "KL/token",
-                   "steps", "runtime"):
+    win_rate = "judged win rate [95% CI]" if judged(evals.values()) else "win rate [95% CI]"  # judge=alpaca_eval
+    for header in ("stage", "gold reward", win_rate, "KL to ref", "impl. acc", "KL/token", "steps", "runtime"):
         table.add_column(header, justify="left" if header == "stage" else "right", no_wrap=True)
     for name in names:
         ev, st = evals.get(name) or {}, stages.get(name) or {}
         label = name if not st.get("objective") else f"{name} ({st['objective']}, lr {fmt_lr(st.get('lr'))})"
-        table.add_row(escape(label), _num(ev.get("gold_reward", ev.get("reward"))), win_cell(ev),
-                      *(escape(cell(ev)) for _, cell in judged),
+        table.add_row(escape(label), _num(ev.get("gold_reward", ev.get("reward"))), _win_rate(ev),
                       _num(ev.get("kl_to_ref")), _num(ev.get("implicit_reward_acc")), _num(st.get("kl_token")),
                       str(st.get("steps", "—")), _runtime(st.get("runtime_s")))
     return table
@@ -98,8 +94,7 @@ def print_run(results: dict, console: Console | None = None) -> None:
     console = console or _console()
     if results.get("stages") or results.get("eval_by_stage") or results.get("eval"):
         console.print(stage_table(results))
-        for line in judge_notes(dict(results.get("eval_by_stage") or {"checkpoint": results.get("eval") or {}})):
-            console.print(escape(line))
+        print_judged(results, console)  # judge=alpaca_eval: judged and gold win rates side by side
     if results.get("status") != "completed" and results.get("error"):
         console.print(f"[red]error: {escape(str(results['error']))}[/red]")
     width = max(len(label) for label, _ in _files(results))

@@ -221,3 +221,76 @@ def test_bad_judge_settings_are_config_errors():
                                  "judge.base_url=localhost:8000"), ("price_per_million_tokens", -1, "judge.price")):
         with pytest.raises(ConfigError, match=expected):
             judge_settings({**_judge_cfg("http://127.0.0.1:9/v1"), key: value})
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def _judge_overrides(server) -> list[str]:
+    return ["judge=alpaca_eval", f"judge.base_url={server.base_url}", f"judge.model={MODEL}",
+            "judge.api_key_env=null", "judge.price_per_million_tokens=10", "judge.concurrency=4"]
+
+
+def test_no_log_probabilities_is_a_one_line_error_before_any_generation(tmp_path, model_cache):
+    from tests.conftest import ibridge
+
+    with ToyJudgeServer(model=MODEL, logprobs=False) as server:
+        proc = ibridge(["eval", "debug=smoke", "logger=none", "hydra.run.dir=run", *_judge_overrides(server)],
+                       tmp_path, model_cache, check=False)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("ibridge:")]
+    assert len(lines) == 1 and "returned no log-probabilities" in lines[0], proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "eval").exists()  # nothing was generated
+
+
+def _expected_win_rate(generations: Path) -> float:
+    import json
+
+    rows = [json.loads(line) for line in generations.read_text().splitlines()]
+    return float(np.mean([expected_preference(Pair(r["prompt"], r["output"], r["reference"])) for r in rows]))
+
+
+@pytest.mark.slow
+def test_the_pipeline_judged_end_to_end_and_never_twice(tmp_path, model_cache):
+    """The toy pipeline with judge=alpaca_eval: judged and gold win rates side by side in
+    results.json, the terminal table, the cell run and the report; a rerun (also with
+    resume=false), an `ibridge eval` of the DPO checkpoint and a report make no request."""
+    import json
+
+    from tests.conftest import ibridge
+    from tests.wandb_offline import read_runs
+
+    args = ["debug=smoke", "trainer.num_threads=1", "hydra.run.dir=run"]
+    with ToyJudgeServer(model=MODEL, temperature=TEMPERATURE) as server:
+        proc = ibridge([*args, *_judge_overrides(server)], tmp_path, model_cache)
+        requests = server.counts["requests"]
+        results = json.loads((tmp_path / "run" / "results.json").read_text())
+        dpo = results["eval_by_stage"]["dpo"]
+        assert dpo["judge"] == "alpaca_eval/weighted_alpaca_eval_gpt4_turbo" and dpo["judge_model"] == MODEL
+        assert dpo["win_rate"] == pytest.approx(_expected_win_rate(tmp_path / "run/eval/dpo/generations.jsonl"),
+                                                abs=1e-12)
+        for key in ("win_rate_se", "n_judged", "avg_length", "lc_win_rate", "lc_method", "judge_tokens",
+                    "judge_cost_usd", "gold_win_rate", "gold_reward"):
+            assert dpo.get(key) is not None, key
+        assert dpo["judge_cost_usd"] == pytest.approx(dpo["judge_tokens"] * 10 / 1e6)
+        assert "judged win rate ± se" in proc.stdout and "gold win rate" in proc.stdout, proc.stdout[-3000:]
+        cell = next(run for run in read_runs(tmp_path / "run") if run.job_type == "cell")
+        assert cell.summary["eval/dpo/win_rate"] == pytest.approx(dpo["win_rate"])
+        assert cell.summary["eval/dpo/judge_cost_usd"] == pytest.approx(dpo["judge_cost_usd"])
+        assert cell.summary["eval/dpo/judge"] == dpo["judge"]
+
+        ibridge([*args, *_judge_overrides(server)], tmp_path, model_cache)  # finished: nothing to do
+        ibridge([*args, *_judge_overrides(server), "resume=false"], tmp_path, model_cache)
+        again = json.loads((tmp_path / "run" / "results.json").read_text())["eval_by_stage"]["dpo"]
+        assert again["judge_requests"] == 0 and again["win_rate"] == dpo["win_rate"]
+        ibridge(["eval", "debug=smoke", "trainer.num_threads=1", "hydra.run.dir=again", "logger=none",
+                 f"checkpoint={tmp_path / 'run/dpo/checkpoint'}", f"reference={tmp_path / 'run/sft/checkpoint'}",
+                 *_judge_overrides(server)], tmp_path, model_cache)
+        evaluated = json.loads((tmp_path / "again" / "results.json").read_text())["eval"]
+        assert evaluated["win_rate"] == dpo["win_rate"] and evaluated["judge_cached"] == dpo["n_judged"] - dpo[
+            "n_ties"]
+        report = ibridge(["report", f"report.path={tmp_path}", "logger=none"], tmp_path, model_cache)
+        assert server.counts["requests"] == requests  # none of the four asked the judge again
+    assert "gold win" in report.stdout  # the console table breaks headers over two lines
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| DPO win | SFT gold win | DPO gold win |" in markdown and "AlpacaEval judge" in markdown
