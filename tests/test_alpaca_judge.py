@@ -294,3 +294,98 @@ def test_the_pipeline_judged_end_to_end_and_never_twice(tmp_path, model_cache):
     assert "gold win" in report.stdout  # the console table breaks headers over two lines
     markdown = (tmp_path / "report.md").read_text()
     assert "| DPO win | SFT gold win | DPO gold win |" in markdown and "AlpacaEval judge" in markdown
+
+
+# --------------------------------------------------------------------------- eval_set=alpaca_eval and its LC win rate
+
+
+def test_eval_set_reads_alpaca_evals_own_format(tmp_path):
+    import json
+
+    from ibridge.data import DataError, source_for
+    from ibridge.judging.alpaca_data import with_eval_set
+    from ibridge.judging.stage import scoring_judge
+
+    rows = [{"dataset": "helpful_base", "instruction": f"Question {i}?", "output": f"Answer {i}.",
+             "generator": "gpt4_1106_preview"} for i in range(3)]
+    (tmp_path / "alpaca_eval.json").write_text(json.dumps(rows))
+    toy = source_for({"kind": "toy", "world": {"seed": 0}})
+    source = with_eval_set(toy, {"name": "alpaca_eval", "path": str(tmp_path / "alpaca_eval.json")})
+    examples = source.examples("eval")
+    assert [(e["prompt"], e["reference"], e["alpaca_index"], e["reference_generator"]) for e in examples] == [
+        (f"Question {i}?", f"Answer {i}.", i, "gpt4_1106_preview") for i in range(3)]
+    assert len(source.examples("demonstrations")) == len(toy.examples("demonstrations"))  # training data unchanged
+    assert scoring_judge({"name": "alpaca_eval"}, source) == {"name": "none"}  # no gold judge for these prompts
+    assert scoring_judge({"name": "alpaca_eval"}, toy) == {"name": "gold"}
+    assert with_eval_set(toy, {"name": "none"}) is toy
+    with pytest.raises(DataError, match="eval_set.path=.*: no such file"):
+        with_eval_set(toy, {"name": "alpaca_eval", "path": str(tmp_path / "missing.json")})
+
+
+def _fake_hub_file(cache: Path, name: str, frame) -> None:
+    """`name` in a hub-cache snapshot of tatsu-lab/alpaca_eval, as huggingface_hub lays one out offline."""
+    commit = "0" * 40
+    root = cache / "datasets--tatsu-lab--alpaca_eval"
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(commit)
+    (root / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
+    frame.to_csv(root / "snapshots" / commit / name, index=False)
+
+
+def _length_biased(rng, n=805):
+    """Judgments of a model whose outputs are as long as the reference or longer, by varying amounts,
+    under a judge that prefers longer outputs and nothing else."""
+    from ibridge.judging.runner import Judgment
+
+    extra = rng.integers(0, 400, size=n)
+    outputs = ["w " * (200 + int(k)) for k in extra]
+    references = ["w " * 200 for _ in range(n)]
+    delta = np.array([len(o) - len(r) for o, r in zip(outputs, references, strict=True)], dtype=float)
+    prefs = 1 / (1 + np.exp(-2.0 * np.tanh(delta / delta.std())))
+    return [Judgment(float(p), bool(i % 2), "request") for i, p in enumerate(prefs)], outputs, references
+
+
+def test_lc_win_rate_is_alpaca_evals_glm_on_its_805_prompts(tmp_path, monkeypatch):
+    """With AlpacaEval's data at hand (here a stand-in df_gamed.csv in an offline hub cache), the
+    LC win rate is alpaca_eval's GLM, which removes a pure length preference: a raw win rate
+    well above 0.5 comes back to about 0.5."""
+    import pandas as pd
+
+    from ibridge.judging.names import LC_GLM
+
+    rng = np.random.default_rng(0)
+    difficulty = rng.normal(size=805)
+    # The gamed baselines (verbose and concise prompting of the reference model) under the same length bias:
+    # in alpaca_eval's frame std_delta_len is len(output_1) - len(output_2), and preference P(output_2 better).
+    shifts = [(m, i, rng.normal() + s) for m, s in (("long", 2.0), ("short", -2.0)) for i in range(805)]
+    gamed = pd.DataFrame([{"model": m, "index": i, "preference": 1 / (1 + np.exp(2.0 * np.tanh(d))),
+                           "std_delta_len": d, "instruction_difficulty": difficulty[i], "not_gamed_baseline": False}
+                          for m, i, d in shifts])
+    _fake_hub_file(tmp_path / "hub", "df_gamed.csv", gamed)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    judgments, outputs, references = _length_biased(rng)
+    metrics = judged_metrics(judgments, outputs, references, price=None, judge="weighted_alpaca_eval_gpt4_turbo",
+                             model=MODEL, bootstrap_resamples=50, seed=0, alpaca_indices=list(range(805)))
+    assert metrics["lc_method"] == LC_GLM
+    assert metrics["win_rate"] > 0.6
+    assert abs(metrics["lc_win_rate"] - 0.5) < 0.05, metrics["lc_win_rate"]
+    assert metrics["judge_cost_usd"] is None  # no price given and the model is not one alpaca_eval knows
+
+
+def test_lc_win_rate_falls_back_to_ibridges_fit_labelled(tmp_path, monkeypatch):
+    """Fewer than 805 prompts, or AlpacaEval's GLM data out of reach: ibridge's one-model fit, labelled."""
+    from ibridge.evaluation.stats import length_controlled_win_rate
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    judgments, outputs, references = _length_biased(np.random.default_rng(1))
+    for n, indices in ((805, list(range(805))), (100, list(range(100)))):
+        metrics = judged_metrics(judgments[:n], outputs[:n], references[:n], price=None, judge="j", model=MODEL,
+                                 bootstrap_resamples=50, seed=0, alpaca_indices=indices)
+        assert metrics["lc_method"] == LC_ONE_MODEL
+        assert metrics["lc_win_rate"] == pytest.approx(length_controlled_win_rate(
+            [j.preference for j in judgments[:n]], [len(o.split()) for o in outputs[:n]],
+            [len(r.split()) for r in references[:n]]))
