@@ -389,3 +389,45 @@ def test_lc_win_rate_falls_back_to_ibridges_fit_labelled(tmp_path, monkeypatch):
         assert metrics["lc_win_rate"] == pytest.approx(length_controlled_win_rate(
             [j.preference for j in judgments[:n]], [len(o.split()) for o in outputs[:n]],
             [len(r.split()) for r in references[:n]]))
+
+
+# --------------------------------------------------------------------------- cell run and dashboard
+
+
+def test_cell_run_and_dashboard_carry_the_judged_numbers(tmp_path):
+    import json
+
+    from ibridge.cell import cell_summary
+    from ibridge.dashboard.spec import (
+        JUDGED_COLUMNS,
+        Sweep,
+        build_report,
+        build_workspace,
+        report_payload,
+        workspace_from_payload,
+        workspace_payload,
+    )
+    from ibridge.jobs.dashboard import judged_sweep
+
+    dpo = {"win_rate": 0.6, "win_rate_ci": [0.5, 0.7], "win_rate_se": 0.05, "lc_win_rate": 0.55,
+           "lc_method": LC_ONE_MODEL, "n_judged": 10, "gold_win_rate": 0.4, "gold_reward": 0.3, "judge_tokens": 1234,
+           "judge_cost_usd": 0.01234, "judge": "alpaca_eval/weighted_alpaca_eval_gpt4_turbo", "judge_model": MODEL}
+    summary = cell_summary({"eval_by_stage": {"dpo": dpo}}, "completed")
+    for key in ("win_rate_se", "lc_win_rate", "n_judged", "gold_win_rate", "judge_tokens", "judge_cost_usd"):
+        assert summary[f"eval/dpo/{key}"] == dpo[key], key
+    assert summary["eval/dpo/judge"] == dpo["judge"] and summary["eval/dpo/lc_method"] == LC_ONE_MODEL
+
+    (tmp_path / "0_cell").mkdir()
+    (tmp_path / "0_cell" / "results.json").write_text(json.dumps({"eval_by_stage": {"dpo": dpo}}))
+    assert judged_sweep(tmp_path)
+    (tmp_path / "0_cell" / "results.json").write_text(json.dumps({"eval_by_stage": {"dpo": {"win_rate": 0.6}}}))
+    assert not judged_sweep(tmp_path)
+    sweep = Sweep(group="sweep-x", axes=["objective", "lr"], judged=True)
+    workspace = build_workspace(sweep)
+    payload = workspace_payload(workspace)
+    assert workspace_payload(workspace_from_payload(json.loads(json.dumps(payload)))) == payload
+    spec = json.dumps(payload["spec"])
+    for key in JUDGED_COLUMNS:  # pinned as columns of the cell runs
+        assert key in spec, key
+    assert "AlpacaEval judge" in spec and "eval/dpo/gold_win_rate" in json.dumps(report_payload(build_report(sweep)))
+    assert "AlpacaEval judge" not in json.dumps(workspace_payload(build_workspace(Sweep("sweep-x", ["objective"]))))

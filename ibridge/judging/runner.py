@@ -98,12 +98,16 @@ def _request_all(todo, pairs, results, annotator, client, cache, concurrency, de
     errors: list[Exception] = []
     with ThreadPoolExecutor(max_workers=concurrency) as pool, \
             tqdm(total=len(todo), desc=desc, unit="pair", disable=desc is None, dynamic_ncols=True) as bar:
-        for future in as_completed([pool.submit(work, *item) for item in todo]):
-            try:
-                if future.result():
-                    bar.update(1)
-            except (RequestFailed, JudgeError) as err:
-                errors.append(err)
+        try:
+            for future in as_completed([pool.submit(work, *item) for item in todo]):
+                try:
+                    if future.result():
+                        bar.update(1)
+                except (RequestFailed, JudgeError) as err:
+                    errors.append(err)
+        except BaseException:  # Ctrl-C, SIGTERM: the queued requests are not sent; those in flight are cached
+            stop.set()
+            raise
     if errors:
         kept = sum(result is not None and result.source != "tie" for result in results)
         new = sum(result is not None and result.source == "request" for result in results)
