@@ -168,6 +168,21 @@ def test_a_server_that_dies_halfway_leaves_a_resumable_state(pairs, tmp_path):
                                atol=1e-12)
 
 
+def test_alpaca_evals_client_config_spreads_requests_over_its_endpoints(pairs, tmp_path):
+    """judge.client_config: alpaca_eval's client-config YAML (keys and base URLs) builds the clients."""
+    import yaml
+
+    with ToyJudgeServer(model=MODEL, api_key="key-a") as first, ToyJudgeServer(model=MODEL, api_key="key-b") as second:
+        config = {"default": [{"api_key": "key-a", "base_url": first.base_url},
+                              {"api_key": "key-b", "base_url": second.base_url}]}
+        (tmp_path / "clients.yaml").write_text(yaml.safe_dump(config))
+        judgments = run(pairs[:40], first, tmp_path / "cache", client_config=str(tmp_path / "clients.yaml"))
+        assert first.counts["answered"] > 0 and second.counts["answered"] > 0  # both endpoints used
+        assert first.counts["answered"] + second.counts["answered"] == sum(p.output != p.reference for p in pairs[:40])
+    np.testing.assert_allclose([j.preference for j in judgments], [expected_preference(p) for p in pairs[:40]],
+                               atol=1e-12)
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -78,7 +78,8 @@ def _probe(cfg) -> None:
     from ibridge.judging.client import PROBE, JudgeClient, check_answer, endpoint_error
 
     settings, annotator, cache = _parts(cfg)
-    settings.api_key()  # a missing key fails here, with or without a cached probe
+    if settings.client_config is None:
+        settings.api_key()  # a missing key fails here, with or without a cached probe
     where = str(settings.client_config or settings.base_url)
     key = judgment_key({**annotator.identity(), "endpoint_check": where}, PROBE.instruction, PROBE.output,
                        PROBE.reference, False)
