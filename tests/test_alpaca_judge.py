@@ -242,14 +242,15 @@ def test_bad_judge_settings_are_config_errors():
 
 
 def _judge_overrides(server) -> list[str]:
-    return ["judge=alpaca_eval", f"judge.base_url={server.base_url}", f"judge.model={MODEL}",
+    return ["judge=alpaca_eval", f"judge.base_url={server.base_url}", f"judge.model={server.model}",
             "judge.api_key_env=null", "judge.price_per_million_tokens=10", "judge.concurrency=4"]
 
 
 def test_no_log_probabilities_is_a_one_line_error_before_any_generation(tmp_path, model_cache):
     from tests.conftest import ibridge
 
-    with ToyJudgeServer(model=MODEL, logprobs=False) as server:
+    # A model name of its own: a passed endpoint check is cached per URL and model, and a port can come again.
+    with ToyJudgeServer(model="toy-judge-without-logprobs", logprobs=False) as server:
         proc = ibridge(["eval", "debug=smoke", "logger=none", "hydra.run.dir=run", *_judge_overrides(server)],
                        tmp_path, model_cache, check=False)
     assert proc.returncode == 2
