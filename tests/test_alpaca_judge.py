@@ -142,6 +142,12 @@ def test_a_rerun_makes_no_requests_and_a_changed_output_or_template_misses(pairs
         assert server.counts["requests"] - before == sum(p.output != p.reference for p in pairs)
 
 
+def test_requests_run_at_most_concurrency_at_a_time(pairs, tmp_path):
+    with ToyJudgeServer(model=MODEL, delay_s=0.05) as server:
+        run(pairs[:60], server, tmp_path, concurrency=3)
+    assert server.max_in_flight == 3
+
+
 @pytest.mark.parametrize("status", [429, 503])
 def test_rate_limits_and_server_errors_are_retried(pairs, tmp_path, status):
     with ToyJudgeServer(model=MODEL, fail_first=6, fail_status=status) as server:

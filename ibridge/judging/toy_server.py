@@ -13,7 +13,8 @@ judged win rate through it has a known value: the mean over prompts of
 
 Faults for tests: the first ``fail_first`` judging requests answer ``fail_status`` (429 or a
 5xx, with ``Retry-After-Ms: 1``); after ``die_after`` answered judgments the server shuts
-down; ``logprobs=False`` answers without log-probabilities; ``api_key`` set requires it.
+down; ``logprobs=False`` answers without log-probabilities; ``api_key`` set requires it;
+``delay_s`` makes each answer take that long (``max_in_flight``: the most answered at once).
 
     python -m ibridge.judging.toy_server --port 8000     # then judge.base_url=http://127.0.0.1:8000/v1
 """
@@ -60,10 +61,11 @@ class ToyJudgeServer:
     def __init__(self, model: str = "toy-gold-judge", temperature: float = 0.1, logprobs: bool = True,
                  fail_first: int = 0, fail_status: int = 429, die_after: int | None = None,
                  api_key: str | None = None, max_requests: int = 10_000, lifetime_s: float = 300.0,
-                 port: int = 0):
+                 port: int = 0, delay_s: float = 0.0):
         self.model, self.temperature, self.logprobs = model, temperature, logprobs
         self.fail_first, self.fail_status, self.die_after = fail_first, fail_status, die_after
-        self.api_key, self.max_requests, self.lifetime_s = api_key, max_requests, lifetime_s
+        self.api_key, self.max_requests, self.lifetime_s, self.delay_s = api_key, max_requests, lifetime_s, delay_s
+        self.in_flight = self.max_in_flight = 0  # judging requests being answered at once, and the most seen
         self.seen: list[tuple[str, str, str]] = []
         self.counts = {"requests": 0, "failed": 0, "answered": 0, "rejected": 0, "billed_tokens": 0}
         self._lock = threading.Lock()
@@ -120,6 +122,17 @@ class ToyJudgeServer:
             if self.counts["failed"] < self.fail_first:
                 self.counts["failed"] += 1
                 return self.fail_status, {"retry-after-ms": "1"}, {"error": {"message": "toy judge: injected"}}
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            time.sleep(self.delay_s)  # a judge takes a while: lets concurrent requests overlap
+            return self._judge(body)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _judge(self, body: dict) -> tuple[int, dict, dict]:
         text = "\n".join(str(m.get("content", "")) for m in body.get("messages", []))
         instruction, outputs = INSTRUCTION.search(text), OUTPUT.findall(text)
         if instruction is None or len(outputs) != 2:
