@@ -56,7 +56,8 @@ JUDGED_COLUMNS = (
 )
 JUDGED_NOTE = ("Win rates are the AlpacaEval judge's (judge=alpaca_eval: mean P(the model's output is better), "
                "results.json has its standard error, n, tokens and cost); `gold win` is the toy world's gold "
-               "judge's win rate on the same outputs.")
+               "judge's win rate on the same outputs. On all 805 AlpacaEval prompts (eval_set=alpaca_eval) the LC "
+               "columns hold AlpacaEval 2's own LC win rate instead (each run's `lc_method` says which).")
 
 
 def columns_for(cells: list[Cell]) -> tuple[Column, ...]:
