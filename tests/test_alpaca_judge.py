@@ -311,9 +311,8 @@ def test_the_pipeline_judged_end_to_end_and_never_twice(tmp_path, model_cache):
         evaluated = json.loads((tmp_path / "again" / "results.json").read_text())["eval"]
         assert evaluated["win_rate"] == dpo["win_rate"] and evaluated["judge_cached"] == dpo["n_judged"] - dpo[
             "n_ties"]
-        report = ibridge(["report", f"report.path={tmp_path}", "logger=none"], tmp_path, model_cache)
+        ibridge(["report", f"report.path={tmp_path}", "logger=none"], tmp_path, model_cache)
         assert server.counts["requests"] == requests  # none of the four asked the judge again
-    assert "gold win" in report.stdout  # the console table breaks headers over two lines
     markdown = (tmp_path / "report.md").read_text()
     assert "| DPO win | SFT gold win | DPO gold win |" in markdown and "AlpacaEval judge" in markdown
 
