@@ -4,7 +4,9 @@ Logged last. Its config holds the swept axes at the top level (``objective``, ``
 ``seed``, ``base_seed``, ``dpo.*``; see :func:`ibridge.naming.cell_axes`); its summary:
 
 - ``eval/{base,sft,dpo}/{win_rate, win_rate_ci_low, win_rate_ci_high, lc_win_rate,
-  gold_reward, kl_to_ref, implicit_reward_acc, avg_length}`` (what results.json's
+  gold_reward, kl_to_ref, implicit_reward_acc, avg_length}`` and, judged with ``judge=alpaca_eval``,
+  ``{win_rate_se, lc_win_rate_se, gold_win_rate, n_judged, judge_tokens, judge_cost_usd}`` and the
+  labels ``{judge, judge_model, lc_method}`` (what results.json's
   ``eval_by_stage`` holds; base has no KL or implicit-reward accuracy: it has no reference),
 - ``train/{sft,dpo}/{steps, runtime_s, tokens, kl_token}`` (results.json's ``stages``),
 - ``dpo_minus_sft/<metric>``: ``eval/dpo/<metric> - eval/sft/<metric>``,
@@ -19,8 +21,10 @@ from __future__ import annotations
 
 import math
 
+from ibridge.judging.names import JUDGED_KEYS, judge_labels
+
 EVAL_KEYS = ("win_rate", "win_rate_ci_low", "win_rate_ci_high", "lc_win_rate", "gold_reward", "kl_to_ref",
-             "implicit_reward_acc", "avg_length")
+             "implicit_reward_acc", "avg_length", *JUDGED_KEYS)  # judge=alpaca_eval: se, n, tokens, cost, gold
 TRAIN_KEYS = ("steps", "runtime_s", "tokens", "kl_token")
 DELTA_KEYS = ("win_rate", "lc_win_rate", "gold_reward", "implicit_reward_acc", "avg_length")
 STAGES = ("sft", "dpo")
@@ -52,6 +56,7 @@ def cell_summary(results: dict, status: str, error: str | None = None) -> dict:
     for stage, record in (results.get("stages") or {}).items():
         summary.update({f"train/{stage}/{key}": record[key] for key in TRAIN_KEYS
                         if _number(record.get(key)) is not None})
+    summary.update(judge_labels(results.get("eval_by_stage") or {}))  # the judge's name, model, LC method
     sft, dpo = evals.get("sft", {}), evals.get("dpo", {})
     for key in DELTA_KEYS:
         if key in sft and key in dpo:

@@ -305,6 +305,8 @@ def _run_job(cfg: DictConfig, run_dir: Path, group: str, runtime, identity: dict
     from ibridge.data import source_for
     from ibridge.jobs import JOBS as JOB_FUNCTIONS
     from ibridge.jobs.context import RunContext
+    from ibridge.judging.alpaca_data import with_eval_set
+    from ibridge.judging.stage import check_judge
     from ibridge.naming import cell_tag
     from ibridge.runtime import seed_everything
     from ibridge.tracking import RunLogger
@@ -315,8 +317,11 @@ def _run_job(cfg: DictConfig, run_dir: Path, group: str, runtime, identity: dict
     tag = cell_tag(cfg, overrides or [])
     logger = RunLogger(run_dir, cfg.logger, config, group, enabled=runtime.dist.is_main,
                        identity={"cell": tag, **(identity or {})})
-    ctx = RunContext(cfg=cfg, run_dir=run_dir, runtime=runtime, logger=logger, source=source_for(cfg.data), tag=tag)
+    source = with_eval_set(source_for(cfg.data), cfg.get("eval_set"))  # eval_set=alpaca_eval: its prompts
+    ctx = RunContext(cfg=cfg, run_dir=run_dir, runtime=runtime, logger=logger, source=source, tag=tag)
     log.info("job=%s run_dir=%s device=%s precision=%s", cfg.job, run_dir, runtime.device, runtime.precision)
+    if cfg.job in ("pipeline", "eval"):
+        check_judge(cfg, runtime.dist)  # judge=alpaca_eval: key and endpoint, before anything is generated
     try:
         with logging_redirect_tqdm():  # a log line clears the progress bar first, instead of breaking it
             JOB_FUNCTIONS[cfg.job](ctx)

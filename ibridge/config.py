@@ -166,9 +166,15 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(problem)
     if cfg.judge.name == "reward_model" and OmegaConf.is_missing(cfg.judge, "path"):
         raise ConfigError("judge.path is not set: expected a reward model's hub name or local folder")
+    if cfg.judge.name == "alpaca_eval":
+        from ibridge.judging.settings import judge_settings
+
+        judge_settings(cfg.judge)  # JudgeError is a ConfigError naming the judge.* key
 
     _paths_exist(cfg)
     provided = data_kinds_provided(cfg.data)
+    if OmegaConf.select(cfg, "eval_set.name", default="none") != "none":
+        provided.add("eval")  # eval_set=alpaca_eval supplies the evaluation prompts
     needed = {data_kind_of(cfg.objective.name)}
     if cfg.job == "pipeline":
         if needed != {"demonstrations"}:

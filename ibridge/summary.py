@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ibridge.job_summaries import job_files, job_tables
+from ibridge.judging.display import judged, print_judged
 from ibridge.naming import fmt_lr
 from ibridge.terminal import width as terminal_width
 from ibridge.terminal import wrap
@@ -85,15 +86,16 @@ def stage_table(results: dict) -> Table:
         rows.append([label, _num(ev.get("gold_reward", ev.get("reward"))), _win_rate(ev), _num(ev.get("kl_to_ref")),
                      _num(ev.get("implicit_reward_acc")), _num(st.get("kl_token")), str(st.get("steps", "—")),
                      _runtime(st.get("runtime_s"))])
+    win = "judged win [95% CI]" if judged(evals.values()) else "win [95% CI]"  # judge=alpaca_eval
     table = Table(title=_title(results), title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
                   pad_edge=False, padding=(0, 1, 0, 0), caption_justify="left",
-                  caption="stage: objective, lr; gold: gold reward; win [95% CI]: win rate against the reference "
+                  caption=f"stage: objective, lr; gold: gold reward; {win}: win rate against the reference "
                           "outputs; KL: sampled KL to the reference; acc: implicit-reward accuracy; KL/tok: kl/token "
                           "(held-out)")
     table.add_column("stage", overflow="fold", min_width=5)
-    for i, header in enumerate(("gold", "win [95% CI]", "KL", "acc", "KL/tok", "steps", "time"), start=1):
+    for i, header in enumerate(("gold", win, "KL", "acc", "KL/tok", "steps", "time"), start=1):
         values = [row[i] for row in rows]
-        if header == "win [95% CI]":  # "0.480 [0.42, 0.54]" may break before its interval, never inside a number
+        if header == win:  # "0.480 [0.42, 0.54]" may break before its interval, never inside a number
             table.add_column(header, justify="right", min_width=max([len(v.split(" [")[0]) for v in values] + [12]))
         else:
             _number_column(table, header, values)
@@ -140,6 +142,7 @@ def print_run(results: dict, console: Console | None = None) -> None:
     console = console or _console()
     if results.get("stages") or results.get("eval_by_stage") or results.get("eval"):
         console.print(stage_table(results))
+        print_judged(results, console)  # judge=alpaca_eval: judged and gold win rates side by side
     elif results.get("debug"):
         console.print(SMOKE_NOTE.format(results["debug"]))
     for table in job_tables(results):

@@ -30,7 +30,7 @@ class Column:
     fmt: str
 
 
-_OUTCOMES = ("win_rate", "lc_win_rate", "gold_reward")
+_OUTCOMES = ("win_rate", "lc_win_rate", "gold_reward", "gold_win_rate")
 
 # The table's metric columns: post-SFT is evaluated against the base model as
 # reference, post-DPO against the SFT model it started from. "1-model LC": ibridge's
@@ -48,6 +48,25 @@ COLUMNS = (
     Column("eval.sft.implicit_reward_acc", "SFT IR acc", ".3f"),
     Column("eval.dpo.implicit_reward_acc", "DPO IR acc", ".3f"),
 )
+
+# Runs judged with judge=alpaca_eval (ibridge/judging): their win rates are the judge's, and the toy
+# world's gold judge's win rates go beside them, when the sweep has them.
+JUDGED_COLUMNS = (
+    Column("eval.sft.gold_win_rate", "SFT gold win", ".3f"),
+    Column("eval.dpo.gold_win_rate", "DPO gold win", ".3f"),
+)
+JUDGED_NOTE = ("Win rates are the AlpacaEval judge's (judge=alpaca_eval: mean P(the model's output is better), "
+               "results.json has its standard error, n, tokens and cost); `gold win` is the toy world's gold "
+               "judge's win rate on the same outputs. On all 805 AlpacaEval prompts (eval_set=alpaca_eval) the LC "
+               "columns hold AlpacaEval 2's own LC win rate instead (each run's `lc_method` says which).")
+
+
+def columns_for(cells: list[Cell]) -> tuple[Column, ...]:
+    """:data:`COLUMNS`, with the gold win rates after the win rates when some cell was judged."""
+    if not any(cell.stat(col.key) for cell in cells for col in JUDGED_COLUMNS):
+        return COLUMNS
+    return COLUMNS[:2] + JUDGED_COLUMNS + COLUMNS[2:]
+
 
 INTRO = (
     "Each entry is the mean ± standard error over the completed seeds of a cell (just the mean when "
@@ -170,18 +189,20 @@ def report_markdown(sweep_dir: Path, cells: list[Cell], runs: list[Run], plots: 
     :func:`ibridge.analysis.effects.paired_effects`.
     """
     keys = varying_keys(cells)
-    headers = _headers(keys)
+    columns = columns_for(cells)
+    headers = _headers(keys, columns)
     n_failed = sum(not run.completed for run in runs)
+    note = f" {JUDGED_NOTE}" if columns != COLUMNS else ""
     lines = [
         f"# Sweep report: `{sweep_dir}`",
         "",
-        f"{len(cells)} cells, {len(runs)} runs, {n_failed} failed. {INTRO}",
+        f"{len(cells)} cells, {len(runs)} runs, {n_failed} failed. {INTRO}{note}",
         "",
         "| " + " | ".join(headers) + " |",
-        "|" + "|".join("---" if i < len(headers) - len(COLUMNS) else "---:" for i in range(len(headers))) + "|",
+        "|" + "|".join("---" if i < len(headers) - len(columns) else "---:" for i in range(len(headers))) + "|",
     ]
     for cell in cells:
-        row = _row(cell, keys, limit=120)
+        row = _row(cell, keys, limit=120, columns=columns)
         if cell.status == "failed":
             row = [f"**{row[0]}**", *row[1:]]
         lines.append("| " + " | ".join(_md_escape(value) for value in row) + " |")
@@ -232,13 +253,14 @@ def _fits(console: Console, table: Table) -> bool:
     return Measurement.get(console, wide, table).maximum <= console.width
 
 
-def _fitting_groups(console: Console, title: str, cells: list[Cell]) -> list[tuple[str, tuple[Column, ...]]]:
+def _fitting_groups(console: Console, title: str, cells: list[Cell],
+                    columns: tuple[Column, ...]) -> list[tuple[str, tuple[Column, ...]]]:
     """The metric columns as few tables as fit the console at their natural width (so no
     number is cut): all in one, else outcomes and drift, each split further where needed."""
-    if _fits(console, _console_table(title, cells, COLUMNS)):
-        return [(title, COLUMNS)]
-    outcomes = tuple(col for col in COLUMNS if col.key.rsplit(".", 1)[1] in _OUTCOMES)
-    drift = tuple(col for col in COLUMNS if col not in outcomes)
+    if _fits(console, _console_table(title, cells, columns)):
+        return [(title, columns)]
+    outcomes = tuple(col for col in columns if col.key.rsplit(".", 1)[1] in _OUTCOMES)
+    drift = tuple(col for col in columns if col not in outcomes)
     groups = []
     for name, columns in (("win rate and gold reward", outcomes), ("KL drift and implicit-reward accuracy", drift)):
         parts: list[tuple[Column, ...]] = [()]
@@ -256,8 +278,8 @@ def _fitting_groups(console: Console, title: str, cells: list[Cell]) -> list[tup
 def print_console(console: Console, sweep_dir: Path, cells: list[Cell], runs: list[Run]) -> None:
     """The table, as several tables when one is wider than the console; then the errors."""
     title = f"sweep report — {sweep_dir} (mean ± se over seeds)"
-    for label, columns in _fitting_groups(console, title, cells):
-        console.print(_console_table(label, cells, columns))
+    for label, group in _fitting_groups(console, title, cells, columns_for(cells)):
+        console.print(_console_table(label, cells, group))
     for run in runs:
         if not run.completed:
             console.print(f"[red]{escape(run.status)} {escape(_rel(run.path, sweep_dir))}: "

@@ -26,6 +26,10 @@ CURVES = {
     "SFT training": ("sft/train/loss", "sft/implicit/weight", "sft/kl/token"),
     "DPO training": ("dpo/train/loss", "dpo/rewards/margins", "dpo/rewards/accuracies"),
 }
+# judge=alpaca_eval sweeps (ibridge/judging): the judged numbers the cell runs carry, pinned as columns,
+# and a section comparing the judged win rate with the gold one, with the judge's tokens and cost.
+JUDGED_COLUMNS = ("eval/dpo/win_rate_se", "eval/dpo/lc_win_rate", "eval/dpo/n_judged", "eval/dpo/gold_win_rate",
+                  "eval/dpo/judge_tokens", "eval/dpo/judge_cost_usd", "eval/dpo/judge", "eval/dpo/lc_method")
 # Config axes whose values span decades: drawn on a log scale.
 LOG_AXES = ("lr", "dpo.lr")
 
@@ -40,6 +44,7 @@ class Sweep:
     project: str = "ibridge"
     title: str = ""
     references: dict = field(default_factory=dict)
+    judged: bool = False  # judge=alpaca_eval: add the judge's section and columns
 
 
 def _modules():
@@ -71,6 +76,21 @@ def _result_panels(sweep: Sweep):
     ]
 
 
+def _judge_panels():
+    """Judged against gold win rate (one point per cell run), and the judge's numbers by objective."""
+    wr, _, _ = _modules()
+    return [
+        wr.ScatterPlot(title="Gold win rate vs AlpacaEval-judged win rate after DPO",
+                       x=wr.SummaryMetric("eval/dpo/gold_win_rate"), y=wr.SummaryMetric(RESULT_KEYS["dpo"])),
+        wr.BarPlot(title="Judged and length-controlled win rate after DPO, by objective (mean ± stderr)",
+                   metrics=[RESULT_KEYS["dpo"], "eval/dpo/lc_win_rate"], orientation="v",
+                   groupby=wr.Config("objective"), groupby_aggfunc="mean", groupby_rangefunc="stderr"),
+        wr.BarPlot(title="Judge tokens and cost (USD) per post-DPO evaluation, by objective",
+                   metrics=["eval/dpo/judge_tokens", "eval/dpo/judge_cost_usd"], orientation="v",
+                   groupby=wr.Config("objective"), groupby_aggfunc="mean", groupby_rangefunc="stderr"),
+    ]
+
+
 def _curve_panels(keys: tuple[str, ...]):
     wr, _, _ = _modules()
     return [wr.LinePlot(title=key, x="Step", y=[key], groupby_aggfunc="mean", groupby_rangefunc="stderr")
@@ -81,6 +101,8 @@ def build_workspace(sweep: Sweep):
     """The saved workspace view: one run set (the sweep's cell runs, grouped by its axes)."""
     wr, ws, expr = _modules()
     sections = [ws.Section(name="Results per cell", panels=_result_panels(sweep), is_open=True)]
+    if sweep.judged:
+        sections.append(ws.Section(name="AlpacaEval judge", panels=_judge_panels(), is_open=True))
     sections += [ws.Section(name=name, panels=_curve_panels(keys), is_open=True) for name, keys in CURVES.items()]
     return ws.Workspace(
         entity=sweep.entity,
@@ -91,7 +113,8 @@ def build_workspace(sweep: Sweep):
             filters=_filters(sweep, expr),
             groupby=[expr.Config(axis) for axis in sweep.axes],
             pinned_columns=[*(f"config:{axis}" for axis in sweep.axes), f"summary:{RESULT_KEYS['sft']}",
-                            f"summary:{RESULT_KEYS['dpo']}", "summary:status"],
+                            f"summary:{RESULT_KEYS['dpo']}", "summary:status",
+                            *(f"summary:{key}" for key in (JUDGED_COLUMNS if sweep.judged else ()))],
         ),
         settings=ws.WorkspaceSettings(max_runs=100, group_by_prefix="first"),
     )
@@ -121,6 +144,8 @@ def build_report(sweep: Sweep, with_project: bool = False):
             wr.H1("Which SFT objective and learning rate give the best model after DPO?"),
             wr.P(f"One point or line per cell run (job_type cell) of wandb group {sweep.group}, grouped by {axes}."),
             wr.PanelGrid(runsets=[runset("cells")], panels=_result_panels(sweep)),
+            *([wr.H2("AlpacaEval judge"), wr.PanelGrid(runsets=[runset("judge")], panels=_judge_panels())]
+              if sweep.judged else []),
             *[block for name, keys in CURVES.items()
               for block in (wr.H2(name), wr.PanelGrid(runsets=[runset(name)], panels=_curve_panels(keys)))],
         ],

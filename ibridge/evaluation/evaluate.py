@@ -32,6 +32,7 @@ from ibridge.evaluation.drift import (
 from ibridge.evaluation.generate import generate
 from ibridge.evaluation.judges import build_judge
 from ibridge.io import write_json_atomic
+from ibridge.judging.stage import judge_stage, scoring_judge, uses_alpaca_judge
 from ibridge.models import load_model, load_tokenizer
 from ibridge.resource_config import DEFAULT_GENERATION_TOKENS
 from ibridge.runtime import Runtime
@@ -96,7 +97,7 @@ def evaluate_checkpoint(
     del policy
     release_memory()
 
-    judge = build_judge(cfg.judge, runtime)
+    judge = build_judge(scoring_judge(cfg.judge, source), runtime)  # judge=alpaca_eval: gold beside it, or none
     outputs = [gen["text"] for gen in generations]
     references = [example["reference"] for example in examples]
     verdicts = _judged(judge, prompts, outputs, info)
@@ -128,6 +129,8 @@ def evaluate_checkpoint(
                 metrics[name] = float(rewards[np.asarray(mask, dtype=bool)].mean())
     del judge
     release_memory()
+    if uses_alpaca_judge(cfg):  # pairwise against the reference outputs, through an OpenAI-compatible server
+        metrics = judge_stage(cfg, examples, outputs, metrics, out_dir, info, generator)
 
     if reference_path is not None:
         reference = load_scoring_model(reference_path, runtime)

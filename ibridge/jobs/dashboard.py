@@ -61,6 +61,18 @@ def swept_axes(sweep_dir: Path) -> list[str]:
     return axes
 
 
+def judged_sweep(sweep_dir: Path) -> bool:
+    """Whether some cell was evaluated with judge=alpaca_eval (its results carry the judge's tokens)."""
+    for path in Path(sweep_dir).glob("*/results.json"):
+        try:
+            evals = json.loads(path.read_text()).get("eval_by_stage") or {}
+        except (OSError, json.JSONDecodeError):
+            continue
+        if any("judge_tokens" in (metrics or {}) for metrics in evals.values()):
+            return True
+    return False
+
+
 def _sweep_dir(cfg) -> Path:
     from ibridge.analysis.report import newest_sweep
 
@@ -100,7 +112,7 @@ def run(ctx) -> None:
     sweep = Sweep(group=sweep_group({}, sweep_dir), axes=swept_axes(sweep_dir), entity=str(entity or ""),
                   project=str(OmegaConf.select(cfg, "logger.project", default="ibridge")),
                   title=OmegaConf.select(cfg, "dashboard.title", default=None)
-                  or f"ibridge {resolved.parent.name}/{resolved.name}")
+                  or f"ibridge {resolved.parent.name}/{resolved.name}", judged=judged_sweep(sweep_dir))
     workspace, report = build_workspace(sweep), build_report(sweep, with_project=save)
     out_dir = sweep_dir / "dashboard"
     out_dir.mkdir(parents=True, exist_ok=True)
