@@ -180,7 +180,8 @@ def run(cfg: DictConfig) -> dict:
         main_process = runtime.dist.is_main
         if main_process:
             prepare_run_dir(run_dir, cfg)
-        if multirun and (earlier := completed_earlier(run_dir)) is not None:  # completed in an earlier attempt
+        if multirun and (earlier := completed_earlier(run_dir)) is not None and \
+                _still_current(cfg, run_dir, runtime):  # completed in an earlier attempt, from today's inputs
             failed = False
             return {**earlier, "skipped": True}
         barrier(runtime.dist)
@@ -297,8 +298,29 @@ def prepare_run_dir(run_dir: Path, cfg: DictConfig) -> None:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
 
 
+# Jobs whose stages and evaluations record their inputs (ibridge/stage_inputs.py): a sweep
+# skips such a cell that completed earlier only once each of them has compared its inputs.
+CHECKED_JOBS = ("pipeline", "train", "eval")
+
+
+def _still_current(cfg: DictConfig, run_dir: Path, runtime) -> bool:
+    """Whether a cell that completed earlier may be skipped: each of its stages and evaluations
+    compares its recorded inputs with today's (StaleRunError names what changed), computing
+    nothing. False when one of them has no finished result after all: the cell runs."""
+    from ibridge.stage_inputs import UnfinishedUnit
+
+    if cfg.job not in CHECKED_JOBS:
+        return True
+    try:
+        _run_job(cfg, run_dir, "", runtime, check_only=True)
+    except UnfinishedUnit as unit:
+        log.info("%s has no finished result in %s: the cell runs", unit, run_dir)
+        return False
+    return True
+
+
 def _run_job(cfg: DictConfig, run_dir: Path, group: str, runtime, identity: dict | None = None,
-             overrides: list[str] | None = None) -> dict:
+             overrides: list[str] | None = None, check_only: bool = False) -> dict:
     from tqdm.contrib.logging import logging_redirect_tqdm
     from transformers.utils import logging as hf_logging
 
@@ -315,12 +337,14 @@ def _run_job(cfg: DictConfig, run_dir: Path, group: str, runtime, identity: dict
     seed_everything(int(cfg.seed))
     config = OmegaConf.to_container(cfg, resolve=True)
     tag = cell_tag(cfg, overrides or [])
-    logger = RunLogger(run_dir, cfg.logger, config, group, enabled=runtime.dist.is_main,
+    logger = RunLogger(run_dir, cfg.logger, config, group, enabled=runtime.dist.is_main and not check_only,
                        identity={"cell": tag, **(identity or {})})
     source = with_eval_set(source_for(cfg.data), cfg.get("eval_set"))  # eval_set=alpaca_eval: its prompts
-    ctx = RunContext(cfg=cfg, run_dir=run_dir, runtime=runtime, logger=logger, source=source, tag=tag)
-    log.info("job=%s run_dir=%s device=%s precision=%s", cfg.job, run_dir, runtime.device, runtime.precision)
-    if cfg.job in ("pipeline", "eval"):
+    ctx = RunContext(cfg=cfg, run_dir=run_dir, runtime=runtime, logger=logger, source=source, tag=tag,
+                     check_only=check_only)
+    log.info("job=%s run_dir=%s device=%s precision=%s%s", cfg.job, run_dir, runtime.device, runtime.precision,
+             " (checking the inputs of a run that completed earlier)" if check_only else "")
+    if cfg.job in ("pipeline", "eval") and not check_only:
         check_judge(cfg, runtime.dist)  # judge=alpaca_eval: key and endpoint, before anything is generated
     try:
         with logging_redirect_tqdm():  # a log line clears the progress bar first, instead of breaking it

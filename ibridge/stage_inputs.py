@@ -54,6 +54,17 @@ class StaleRunError(Exception):
     """A finished (or resumable) stage's inputs changed since it ran; the message says which."""
 
 
+class UnfinishedUnit(Exception):
+    """Raised in a check-only pass (``RunContext.check_only``) by a stage or evaluation that has
+    no finished result to check: the run is not complete after all, and runs instead."""
+
+
+def check_only_stop(ctx, what: str) -> None:
+    """In a check-only pass, stop before `what` computes anything (see UnfinishedUnit)."""
+    if getattr(ctx, "check_only", False):
+        raise UnfinishedUnit(what)
+
+
 # --------------------------------------------------------------------------- what a unit read
 
 

@@ -36,7 +36,7 @@ from ibridge.objectives.logprobs import sequence_logps, token_logps
 from ibridge.packing import PackedForward, packing_supported, scored_logps
 from ibridge.refcache import cached_reference_logps
 from ibridge.resource_config import gradient_checkpointing
-from ibridge.stage_inputs import DPO_KINDS, SFT_KINDS, StageGuard
+from ibridge.stage_inputs import DPO_KINDS, SFT_KINDS, StageGuard, check_only_stop
 from ibridge.stage_settings import stage_run_config
 from ibridge.training import OptimSettings, optimise
 
@@ -187,6 +187,7 @@ def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path
         inputs.refuse_if_changed(finished=True)  # a stale result is never skipped to
         log.info("%s: finished earlier (%s); skipping", stage, done_marker)
         return json.loads(done_marker.read_text())
+    check_only_stop(ctx, stage)
     inputs.refuse_if_changed(finished=False)
     tokenizer = load_tokenizer(init_path, ctx.runtime, cfg.model)
     pad = tokenizer.pad_token_id

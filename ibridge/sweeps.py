@@ -12,7 +12,9 @@
 
 ``sweep.resume=<folder>|last`` runs the sweep again in that folder (``last``: the newest
 under ``multirun/``), with the same overrides when none are given: the cells that completed
-there are skipped (``ibridge.cli.run`` says "skipped"), the others resume or start.
+there are skipped (``ibridge.cli.run`` says "skipped") once each of their stages and
+evaluations has found its inputs unchanged (a cell whose data or models changed is recorded
+failed, "stale run: ..."), the others resume or start.
 """
 
 from __future__ import annotations

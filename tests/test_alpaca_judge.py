@@ -295,7 +295,10 @@ def test_the_pipeline_judged_end_to_end_and_never_twice(tmp_path, model_cache):
                     "judge_cost_usd", "gold_win_rate", "gold_reward"):
             assert dpo.get(key) is not None, key
         assert dpo["judge_cost_usd"] == pytest.approx(dpo["judge_tokens"] * 10 / 1e6)
-        assert "judged win rate ± se" in proc.stdout and "gold win rate" in proc.stdout, proc.stdout[-3000:]
+        assert "judged ± se" in proc.stdout and "gold win" in proc.stdout, proc.stdout[-3000:]
+        assert f"{dpo['win_rate']:.3f} ± {dpo['win_rate_se']:.3f}" in proc.stdout, proc.stdout[-3000:]
+        judged_section = proc.stdout.split("gold vs AlpacaEval judge")[1].split("run folder")[0]
+        assert all(len(line) <= 80 for line in judged_section.splitlines()), judged_section  # 80 columns, none cut
         cell = next(run for run in read_runs(tmp_path / "run") if run.job_type == "cell")
         assert cell.summary["eval/dpo/win_rate"] == pytest.approx(dpo["win_rate"])
         assert cell.summary["eval/dpo/judge_cost_usd"] == pytest.approx(dpo["judge_cost_usd"])

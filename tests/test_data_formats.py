@@ -130,18 +130,18 @@ def test_sft_on_sharegpt_and_alpaca_then_dpo_on_trl_pairs_through_the_cli(tmp_pa
     model = build_model_dir(tmp_path / "tiny-model")
     files = {name: write_jsonl(tmp_path / f"{name}.jsonl", rows) for name, rows in (
         ("sharegpt", SHAREGPT), ("alpaca", ALPACA), ("pairs", TRL_CONVERSATIONAL_PREFERENCE * 2))}
-    common = ["model=qwen2_5_0_5b", f"model.name_or_path={model}", "trainer=cpu", "logger=none", "lr=1e-2",
-              "data=jsonl", "sft.batch_size=2", "dpo.batch_size=2"]
+    common = ["model=qwen2_5_0_5b", f"model.name_or_path={model}", "trainer=cpu", "logger=none", "data=jsonl"]
+    sft, dpo = ["lr=1e-2", "sft.batch_size=2"], ["dpo.lr=1e-2", "dpo.batch_size=2"]  # each stage's own keys
     cache = tmp_path / "cache"
     for name in ("sharegpt", "alpaca"):
-        ibridge(["train", *common, "objective=sft", f"data.path={files[name]}", "sft.max_steps=2",
+        ibridge(["train", *common, *sft, "objective=sft", f"data.path={files[name]}", "sft.max_steps=2",
                  f"hydra.run.dir={name}"], tmp_path, cache)
         record = json.loads((tmp_path / name / "results.json").read_text())["stages"]["sft"]
         assert record["steps"] == 2 and record["examples"] == {"sharegpt": 2, "alpaca": 3}[name]
     checkpoint = json.loads((tmp_path / "alpaca" / "results.json").read_text())["stages"]["sft"]["checkpoint"]
-    proc = ibridge(["train", *common, "objective=dpo", f"data.path={files['pairs']}", f"checkpoint={checkpoint}",
+    proc = ibridge(["train", *common, *dpo, "objective=dpo", f"data.path={files['pairs']}", f"checkpoint={checkpoint}",
                     "hydra.run.dir=dpo"], tmp_path, cache, check=False)
     assert proc.returncode == 2 and "set data.examples=preferences" in proc.stderr  # the error that needs it
-    ibridge(["train", *common, "objective=dpo", f"data.path={files['pairs']}", "data.examples=preferences",
+    ibridge(["train", *common, *dpo, "objective=dpo", f"data.path={files['pairs']}", "data.examples=preferences",
              f"checkpoint={checkpoint}", "dpo.max_steps=2", "hydra.run.dir=dpo"], tmp_path, cache)
     assert json.loads((tmp_path / "dpo" / "results.json").read_text())["stages"]["dpo"]["examples"] == 2

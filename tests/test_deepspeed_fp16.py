@@ -60,8 +60,9 @@ def test_a_non_finite_norm_of_an_applied_step_still_stops_the_stage(monkeypatch)
 
 
 def test_fp16_in_one_process_is_refused_where_no_loss_scaler_would_run():
-    """``trainer=deepspeed`` launched as one process runs ibridge's own loop (no engine, hence
-    no loss scaler): fp16 there would train on underflowing gradients without a word."""
+    """Only DeepSpeed's engine scales the loss. ``trainer=deepspeed`` started as one process
+    (no launcher) is refused before anything loads, and fp16 under any other trainer is
+    refused: fp16 there would train on underflowing gradients without a word."""
     from omegaconf import OmegaConf
 
     from ibridge.config import ConfigError
@@ -69,5 +70,8 @@ def test_fp16_in_one_process_is_refused_where_no_loss_scaler_would_run():
 
     cfg = OmegaConf.create({"device": "cpu", "precision": "fp16", "attn_implementation": "eager",
                             "distributed": "deepspeed", "deepspeed": {"zero_stage": 2}})
+    with pytest.raises(ConfigError, match="trainer.distributed=deepspeed needs several processes"):
+        resolve_runtime(cfg)
+    cfg.distributed = "none"
     with pytest.raises(ConfigError, match="trainer.precision=fp16 needs DeepSpeed's loss scaler"):
         resolve_runtime(cfg)

@@ -29,7 +29,7 @@ def test_help_shows_every_option_with_its_comment(tmp_path, model_cache):
     lines = out.splitlines()
     assert all(len(line) <= 80 for line in lines), max(lines, key=len)
     assert "job = train   pipeline | train | eval | qlogit | report | dashboard | export" in out
-    assert "lr = 0.001" in out and "learning rate of the SFT stage (pipeline) or of the stage `train` runs" in out
+    assert "lr = 0.001" in out and "learning rate of demonstration (SFT-family) stages" in out
     assert "  objective.name = jsd" in out  # the composed config: objective=jsd's settings
     assert "cap on g'(s): below s* with g'(s*) = max_weight" in out  # conf/objective/jsd.yaml's comment
     assert "sft.max_steps = -1   > 0 overrides epochs" in out

@@ -101,7 +101,7 @@ def _run(tmp_path: Path, clock: FakeClock, stop_at: int | None):
         clock.now += 1.0
         steps["n"] += 1
         if stop_at is not None and steps["n"] == stop_at:
-            os.kill(os.getpid(), signal.SIGTERM)  # handled by the loop: save at the next logging step, stop
+            os.kill(os.getpid(), signal.SIGTERM)  # handled by the loop: save after this step, stop
         return Out(model(batch["x"]).pow(2).mean())
 
     def collate(rows):
@@ -119,7 +119,7 @@ def test_a_resumed_stage_reports_the_runtime_of_the_whole_stage(tmp_path, monkey
     assert straight.runtime_s == 12.0  # twelve steps of one (fake) second
     clock.now = 100.0
     with pytest.raises(StopRequested):
-        _run(tmp_path / "b", clock, stop_at=5)  # stops after step 6, the next logging step
+        _run(tmp_path / "b", clock, stop_at=5)  # stops after step 5, the step the signal came in
     resumed = _run(tmp_path / "b", clock, stop_at=None)
-    assert resumed.resumed_from == 6
-    assert resumed.runtime_s == straight.runtime_s  # 6 s before the stop + 6 s after it
+    assert resumed.resumed_from == 5
+    assert resumed.runtime_s == straight.runtime_s  # 5 s before the stop + 7 s after it

@@ -27,6 +27,8 @@ def _gold(folder: Path, objective: str, lr: str, **settings) -> dict[str, float]
     out = {}
     for results in folder.rglob("results.json"):
         data = json.loads(results.read_text())
+        if data.get("job") == "report":  # the sweep's own report run (<sweep>/report/...), not a cell
+            continue
         overrides = dict(item.split("=", 1) for item in data["overrides"])
         own = {k: v for k, v in overrides.items() if k not in ("objective", "lr", "seed", "model.pretrain.seed",
                                                               "trainer.num_threads", "logger", "debug")}

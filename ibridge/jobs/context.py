@@ -23,6 +23,9 @@ class RunContext:
     results: dict = field(default_factory=dict)
     # The cell's name from its overrides (ibridge.naming.cell_tag), e.g. ``jsd-lr1e-4-s0``.
     tag: str = ""
+    # A check-only pass over a run that completed earlier (ibridge.cli): each stage and
+    # evaluation compares its recorded inputs with today's and computes nothing.
+    check_only: bool = False
 
     @cached_property
     def base_model(self) -> Path | str:

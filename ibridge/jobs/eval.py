@@ -7,7 +7,7 @@ import json
 from ibridge.distributed import all_reduce_sum
 from ibridge.evaluation.evaluate import evaluate_checkpoint
 from ibridge.io import write_json_atomic
-from ibridge.stage_inputs import EVAL_KINDS, StageGuard, judge_model
+from ibridge.stage_inputs import EVAL_KINDS, StageGuard, check_only_stop, judge_model
 
 # Columns of the `eval/generations` table, as generations.jsonl names them.
 TABLE_COLUMNS = ("prompt", "output", "reference", "reward", "reference_reward", "preference", "first_error")
@@ -61,6 +61,7 @@ def evaluate_stage(ctx, label: str, policy, reference) -> dict:
     if done_before:
         inputs.refuse_if_changed(finished=True)  # a stale result is never skipped to
         return json.loads(marker.read_text()) if info.is_main else {}
+    check_only_stop(ctx, f"the {label} evaluation")
     if info.is_main:
         ctx.logger.start("eval", ctx.run_name(f"eval-{label}"), {"evaluated": label}, home=out_dir)
     # AlpacaEval's `generator` names the run (`dpo-jsd-lr1e-4-s0`), so outputs of several runs stay apart.

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from ibridge.judging.names import LC_GLM
+from ibridge.terminal import wrap
 
 STAGE_ORDER = ("base", "checkpoint", "sft", "dpo")
 
@@ -45,22 +47,35 @@ def _stages(results: dict) -> dict[str, dict]:
     return {stage: evals[stage] for stage in order if "judge_tokens" in (evals[stage] or {})}
 
 
+# Short headers, so that the table fits 80 columns; the caption spells them out.
+HEADERS = ("stage", "gold", "gold win", "judged ± se", "n", "LC win", "tokens", "cost")
+CAPTION = ("gold: gold reward; gold win: win rate under the gold judge; judged ± se: win rate under the "
+           "AlpacaEval judge ± its standard error; n: prompts judged; LC win: length-controlled win rate "
+           "(*: AlpacaEval 2's GLM); tokens, cost: the judge's")
+
+
 def judged_table(results: dict) -> Table | None:
-    """Gold and judged win rates side by side, one row per judged stage; None when none was judged."""
+    """Gold and judged win rates side by side, one row per judged stage; None when none was judged.
+    Numbers are never cut or wrapped (a narrow terminal wraps the stage name and the caption)."""
     stages = _stages(results)
     if not stages:
         return None
-    table = Table(title="gold vs AlpacaEval judge", title_justify="left")
-    for header in ("stage", "gold reward", "gold win rate", "judged win rate ± se", "n", "LC win rate",
-                   "judge tokens", "cost"):
-        table.add_column(header, justify="left" if header == "stage" else "right", no_wrap=True)
+    rows = []
     for stage, ev in stages.items():
         judged_rate = _num(ev.get("win_rate"))
         if judged_rate != "—" and ev.get("win_rate_se") is not None:
             judged_rate += f" ± {_num(ev['win_rate_se'])}"
         lc = _num(ev.get("lc_win_rate")) + ("*" if ev.get("lc_method") == LC_GLM else "")
-        table.add_row(stage, _num(ev.get("gold_reward")), _num(ev.get("gold_win_rate")), judged_rate,
-                      str(ev.get("n_judged", "—")), lc, _num(ev.get("judge_tokens"), ","), _cost(ev))
+        rows.append([stage, _num(ev.get("gold_reward")), _num(ev.get("gold_win_rate")), judged_rate,
+                     str(ev.get("n_judged", "—")), lc, _num(ev.get("judge_tokens"), ","), _cost(ev)])
+    table = Table(title="gold vs AlpacaEval judge", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
+                  pad_edge=False, padding=(0, 1, 0, 0), caption=CAPTION, caption_justify="left")
+    table.add_column(HEADERS[0], overflow="fold", min_width=5)
+    for i, header in enumerate(HEADERS[1:], start=1):
+        table.add_column(header, justify="right", no_wrap=True,
+                         min_width=max(len(header), *(len(row[i]) for row in rows)))
+    for row in rows:
+        table.add_row(*(escape(value) for value in row))
     return table
 
 
@@ -81,5 +96,7 @@ def print_judged(results: dict, console: Console) -> None:
     if table is None:
         return
     console.print(table)
-    for line in judge_notes(results):
-        console.print(escape(line))
+    for note in judge_notes(results):  # wrapped between words, continuation lines indented
+        indent = note[:len(note) - len(note.lstrip())]
+        for line in wrap(note.strip(), console.width, indent=indent):
+            console.print(escape(line), soft_wrap=True)
