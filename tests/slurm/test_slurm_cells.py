@@ -202,6 +202,18 @@ def test_one_task_per_node_starting_torchrun_trains_as_torchrun(tmp_path, model_
     assert_same_weights(Path(results["stages"]["sft"]["checkpoint"]), references["1e-3"])
 
 
-def test_submitted_jobs_are_gone_afterwards():
-    leftover = subprocess.run(["squeue", "--noheader"], capture_output=True, text=True, timeout=30).stdout.strip()
+def _queue() -> str:
+    return subprocess.run(["squeue", "--noheader"], capture_output=True, text=True, timeout=30).stdout.strip()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_job_left_in_the_queue():
+    """After the module's last test (pytest-xdist may run them in another order than the file's,
+    so this is a teardown, not a last test): every job the tests submitted has left the queue.
+    A job whose results are in may still be ending for a few seconds (Slurm's epilogue, a rank
+    exiting), so the queue gets a minute to drain; a job still there after that was left behind."""
+    yield
+    deadline = time.monotonic() + 60
+    while (leftover := _queue()) and time.monotonic() < deadline:
+        time.sleep(2)
     assert leftover == "", f"test jobs still in the queue:\n{leftover}"
