@@ -98,6 +98,25 @@ def _check_overrides(args: list[str]) -> None:
         raise SystemExit(2) from None
 
 
+def register_launchers() -> None:
+    """Register hydra/launcher/ibridge_slurm (the schema of hydra/launcher=slurm|slurm_torchrun).
+
+    Hydra finds plugins by listing the ``hydra_plugins`` namespace's folders, and under an
+    editable install (``pip install -e .``, what ``make setup`` does) that namespace's entry for
+    this checkout is an import hook, which the listing skips: outside the checkout, Hydra then
+    reports "Could not load 'hydra/launcher/ibridge_slurm'" and, once the config is found,
+    "Unknown plugin class". Importing the config stores the node, and Hydra's own
+    ``Plugins.register`` adds the launcher class, whatever the install (under a wheel, where the
+    scan finds both, this stores the same node and class again).
+    """
+    from hydra.core.plugins import Plugins
+
+    import hydra_plugins.ibridge_slurm_launcher.config  # noqa: F401 - stores the config node on import
+    from hydra_plugins.ibridge_slurm_launcher.ibridge_slurm_launcher import SlurmCellLauncher
+
+    Plugins.instance().register(SlurmCellLauncher)
+
+
 def main(argv: list[str] | None = None) -> None:
     if "--version" in (sys.argv[1:] if argv is None else argv):  # ibridge's and its libraries', not Hydra's
         from ibridge.versions import version_text
@@ -105,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
         print(version_text())
         return
     from ibridge.commandline import before_hydra, resume_first
+
+    register_launchers()
 
     try:
         args = _default_grid(resume_first(_split_job(sys.argv[1:] if argv is None else list(argv))))

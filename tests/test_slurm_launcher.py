@@ -66,6 +66,27 @@ def test_a_misfit_cell_stops_the_sweep_before_anything_is_submitted(tmp_path, mo
     assert not (tmp_path / "sw" / ".submitit").exists()
 
 
+def test_the_installed_command_finds_the_slurm_launcher_outside_the_checkout(tmp_path, model_cache):
+    """The `ibridge` script as installed, run from a folder of the user's own with nothing of the
+    checkout on the path. Under an editable install Hydra's plugin scan cannot list the
+    checkout's hydra_plugins/, so the launcher's config ("Could not load
+    'hydra/launcher/ibridge_slurm'") and class ("Unknown plugin class") were unknown there; the
+    tests that set PYTHONPATH to the checkout never saw it. Reaching the cell check means Hydra
+    composed the config and instantiated the launcher."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(IBRIDGE_CACHE=str(model_cache), WANDB_MODE="offline")
+    script = Path(sys.executable).parent / "ibridge"
+    proc = subprocess.run([str(script), "-m", "train", "debug=smoke", "lr=1e-3,5e-4", "hydra/launcher=slurm",
+                           "hydra.sweep.dir=sw"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "ibridge: config error: cell #0: 8 ranks per cell (hydra.launcher) but trainer.distributed=none" \
+        in proc.stderr, proc.stderr[-2000:]
+
+
 def test_the_cause_is_the_failure_that_is_not_a_consequence_of_another():
     injected = Failure(1, "rank 1 of 2: RuntimeError: injected failure on rank 1", ended_at=20.0)
     closed = Failure(0, "rank 0: RuntimeError: [gloo/transport/tcp/pair.cc:534] Connection closed by peer",
