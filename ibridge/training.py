@@ -137,78 +137,42 @@ def optimise(
         raise ValueError(f"{desc}: no training examples")
     dist_info = runtime.dist
     world = dist_info.world_size
-    if dist_info.mode == "deepspeed" and state_dir is not None:
-        if settings.save_every > 0:
-            logger.warning("%s: trainer=deepspeed keeps no mid-stage state (DeepSpeed's checkpoints are pickles, "
-                        "which ibridge does not load); a killed stage restarts from its beginning", desc)
-        state_dir = None
+    state_dir = _state_dir_kept(state_dir, dist_info, settings, desc)
     gathered_states = dist_info.mode == "fsdp"  # resumable states are gathered from every rank's shard
     model.train()
     # DDP wraps the model; FSDP shards it in place (before the optimiser sees its parameters).
     trained = wrap(model, dist_info, runtime.device, runtime.precision)
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and "norm" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.ndim < 2 or "norm" in n)]
-    groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if settings.optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer={settings.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
-    optimizer = OPTIMIZERS[settings.optimizer](groups, lr=settings.lr, foreach=True)
     total = settings.total_steps(len(items), world)
-    scheduler = get_scheduler(
-        settings.schedule if settings.schedule != "constant" else "constant_with_warmup",
-        optimizer,
-        num_warmup_steps=int(settings.warmup_ratio * total),
-        num_training_steps=total,
-    )
+    optimizer, scheduler = _optimiser_and_schedule(model, settings, total)
     stream = optimiser_steps(len(items), settings.batch_size, settings.grad_accum, settings.seed,
                              dist_info.rank, world)
-    done = 0
-    payload: dict = {}
-    if state_dir is not None and has_state(state_dir):
-        payload = load_state(state_dir, model, optimizer, scheduler, sharded=gathered_states)
-        done = int(payload["step"])
-        for _ in range(done):
-            next(stream)
-        if rewind is not None and "bookmark" in payload:
-            rewind(payload["bookmark"])
+    done, payload = _resume(state_dir, model, optimizer, scheduler, stream, rewind, gathered_states)
     schedule = SaveSchedule(settings.save_every, settings.save_every_min, last_saved=done)
-
-    if dist_info.mode == "deepspeed":
-        from ibridge.zero import ZeroUpdate
-
-        updater = ZeroUpdate(model, optimizer, scheduler, settings, runtime, desc)
-    else:
-        updater = TorchUpdate(model, trained, optimizer, scheduler, settings.max_grad_norm, desc)
+    updater = _updater(model, trained, optimizer, scheduler, settings, runtime, desc)
     trained = training_forward(updater.trained, model, runtime, pack=settings.pack_sequences)
+    report = _Reporter(scheduler, updater, log, dist_info)
+    restore_window(report.window, payload.get("window"), dist_info)
+    tokens = int(payload.get("tokens", 0))
+    earlier_runtime = float(payload.get("runtime_s", 0.0))  # training time before the saved state
+    start = time.perf_counter()
 
     def save(step: int) -> None:
         # Every rank calls (under FSDP each takes part in gathering the state); rank 0 alone
         # writes it, and the others wait for it in save_state's barrier.
         if state_dir is not None and step > schedule.last_saved:
             extra = {"bookmark": bookmark() if bookmark and dist_info.is_main else {}, "tokens": tokens,
-                     "window": window_totals(window, dist_info),
+                     "window": window_totals(report.window, dist_info),
                      "runtime_s": earlier_runtime + time.perf_counter() - start}  # the whole stage's, so far
             save_state(state_dir, model, optimizer, scheduler, step, extra, sharded=gathered_states,
                        write=dist_info.is_main, info=dist_info)
             schedule.saved(step)
 
-    # Per key: [sum of values x units, units] over this rank's real micro-batches (or steps, for
-    # train/loss and train/grad_norm) since the last log.
-    window: dict[str, list] = defaultdict(lambda: [0.0, 0.0])
-    restore_window(window, payload.get("window"), dist_info)
-    final: dict[str, float] = {}
-    tokens = int(payload.get("tokens", 0))
-    earlier_runtime = float(payload.get("runtime_s", 0.0))  # training time before the saved state
-    window_tokens = 0
-    start = window_start = time.perf_counter()
     progress = progress_bar(range(done + 1, total + 1), desc=desc, unit="step", initial=done, total=total,
                             disable=not dist_info.is_main)
     with stop_on_signals() as signal_flag:
         for step in progress:
             epoch, plan = next(stream)
-            batches = [collate([items[i] for i in micro.indices]) for micro in plan]
-            units = [0 if micro.stand_in else count_units(batch) for micro, batch in zip(plan, batches, strict=True)]
-            local_tokens = sum(int(batch["attention_mask"].sum())
-                               for micro, batch in zip(plan, batches, strict=True) if not micro.stand_in)
+            batches, units, local_tokens = _step_batches(plan, items, collate, count_units)
             # One collective per step (none in one process): the step's units and tokens over
             # all ranks, and whether any rank got SIGTERM or finds a timed save due, so that all
             # save (the state after the previous step) and stop at the same step.
@@ -219,63 +183,164 @@ def optimise(
             if stops > 0:
                 raise StopRequested(f"{desc}: stopped by {signal_name(signal_flag['signal'])} after step {step - 1}; "
                                     f"{resume_hint()}")
-            step_loss = torch.zeros((), device=runtime.device)
-            for k, (micro, batch, n) in enumerate(zip(plan, batches, units, strict=True)):
-                weight = micro_batch_weight(n, step_units, world)
-                with updater.accumulating(last=k == len(plan) - 1):
-                    with runtime.autocast():
-                        out = compute(trained, to_device(batch, runtime.device))
-                    updater.backward(out.loss * weight)
-                step_loss = step_loss + out.loss.detach().float() * (weight / world)
-                real = 0.0 if micro.stand_in else 1.0  # a stand-in adds its keys, not its values
-                for key, value in out.metrics.items():
-                    # Weighted by its units (pairs, sequences, tokens), as the loss is; no host sync here.
-                    units_here = out.metric_units[key] * real
-                    window[key][0] = window[key][0] + value.detach() * units_here
-                    window[key][1] = window[key][1] + units_here
+            step_loss = _accumulate(plan, batches, units, step_units, trained, compute, updater, runtime,
+                                    report.window)
             tokens += int(step_tokens)
-            window_tokens += int(step_tokens)
-            loss_value, norm_value = updater.update(step_loss, f"at step {step} (epoch {epoch + 1})")
-            for key, value in (("train/loss", loss_value), ("train/grad_norm", norm_value)):
-                if value is not None:  # None: a norm DeepSpeed's fp16 loss scaler skipped (ibridge/zero.py)
-                    window[key][0] += value
-                    window[key][1] += 1
+            report.window_tokens += int(step_tokens)
+            report.add_step(*updater.update(step_loss, f"at step {step} (epoch {epoch + 1})"))
             if step % settings.log_every == 0 or step == total:
-                now = time.perf_counter()
-                metrics = _window_means(window, dist_info)
-                metrics["train/lr"] = scheduler.get_last_lr()[0]
-                metrics["train/epoch"] = epoch + 1
-                metrics["train/tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
-                metrics.update(updater.counters() if hasattr(updater, "counters") else {})
-                progress.set_postfix(loss=f"{metrics['train/loss']:.4f}")
-                if log is not None:
-                    log(metrics, step)
-                final = metrics
-                window.clear()
-                window_tokens = 0
-                window_start = now
+                report.log_window(step, epoch, progress)
             due = settings.eval_every > 0 and step % settings.eval_every == 0
             # Every rank evaluates (its share; under FSDP every forward is a collective anyway).
             if evaluate is not None and (due or step == total):
-                model.eval()
-                with torch.no_grad():
-                    eval_metrics = evaluate(model)
-                model.train()
-                final.update(eval_metrics)
-                if log is not None:
-                    log(eval_metrics, step)
-                window_start = time.perf_counter()  # evaluation time is not training throughput
+                report.evaluate(model, evaluate, step)
             if step < total and schedule.step_due(step):
                 save(step)
     progress.close()
+    checksums = _finish(model, evaluate, updater, dist_info)
+    return StageSummary(steps=total, runtime_s=earlier_runtime + time.perf_counter() - start, tokens=tokens,
+                        final_metrics=report.final, resumed_from=done, rank_checksums=checksums)
+
+
+def _resume(state_dir: Path | None, model, optimizer, scheduler, stream, rewind, gathered: bool) -> tuple[int, dict]:
+    """``(steps done, saved payload)``: a state found in `state_dir` loaded into the model,
+    optimiser and scheduler, the data stream advanced past its steps and the logged metrics
+    rewound to it; ``(0, {})`` when there is none."""
+    if state_dir is None or not has_state(state_dir):
+        return 0, {}
+    payload = load_state(state_dir, model, optimizer, scheduler, sharded=gathered)
+    done = int(payload["step"])
+    for _ in range(done):
+        next(stream)
+    if rewind is not None and "bookmark" in payload:
+        rewind(payload["bookmark"])
+    return done, payload
+
+
+def _finish(model, evaluate, updater, dist_info) -> list[float]:
+    """After the last step: free the evaluation's models and DeepSpeed's engine around the
+    per-rank parameter checksums (which gather under FSDP and ZeRO-3); returns the checksums."""
     if evaluate is not None and hasattr(evaluate, "close"):
         evaluate.close()  # its models (the kl/token reference) go before the checksums' gathers
     model.eval()
     checksums = parameter_checksums(model, dist_info)
     if hasattr(updater, "close"):
         updater.close()  # DeepSpeed's engine: its memory goes with the model (ibridge/zero.py)
-    return StageSummary(steps=total, runtime_s=earlier_runtime + time.perf_counter() - start, tokens=tokens,
-                        final_metrics=final, resumed_from=done, rank_checksums=checksums)
+    return checksums
+
+
+def _state_dir_kept(state_dir: Path | None, dist_info, settings: OptimSettings, desc: str) -> Path | None:
+    """Where the stage keeps its resumable state: `state_dir`, or None under DeepSpeed."""
+    if dist_info.mode == "deepspeed" and state_dir is not None:
+        if settings.save_every > 0:
+            logger.warning("%s: trainer=deepspeed keeps no mid-stage state (DeepSpeed's checkpoints are pickles, "
+                           "which ibridge does not load); a killed stage restarts from its beginning", desc)
+        return None
+    return state_dir
+
+
+def _optimiser_and_schedule(model: torch.nn.Module, settings: OptimSettings, total: int):
+    """The stage's optimiser (weight decay on matrices only, not on norms and biases) and its
+    learning-rate schedule over `total` steps, warmed up over `settings.warmup_ratio` of them."""
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and "norm" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.ndim < 2 or "norm" in n)]
+    groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if settings.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={settings.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+    optimizer = OPTIMIZERS[settings.optimizer](groups, lr=settings.lr, foreach=True)
+    scheduler = get_scheduler(
+        settings.schedule if settings.schedule != "constant" else "constant_with_warmup",
+        optimizer,
+        num_warmup_steps=int(settings.warmup_ratio * total),
+        num_training_steps=total,
+    )
+    return optimizer, scheduler
+
+
+def _updater(model, trained, optimizer, scheduler, settings: OptimSettings, runtime: Runtime, desc: str):
+    """What applies a step: DeepSpeed's engine (ibridge/zero.py) or torch's optimiser (ibridge/updates.py)."""
+    if runtime.dist.mode == "deepspeed":
+        from ibridge.zero import ZeroUpdate
+
+        return ZeroUpdate(model, optimizer, scheduler, settings, runtime, desc)
+    return TorchUpdate(model, trained, optimizer, scheduler, settings.max_grad_norm, desc)
+
+
+def _step_batches(plan, items: list, collate: Callable, count_units: Callable) -> tuple[list, list[int], int]:
+    """One step's micro-batches on this rank, the units each is a mean over (0 for a stand-in,
+    which only keeps the ranks' collectives paired), and this rank's real tokens."""
+    batches = [collate([items[i] for i in micro.indices]) for micro in plan]
+    units = [0 if micro.stand_in else count_units(batch) for micro, batch in zip(plan, batches, strict=True)]
+    local_tokens = sum(int(batch["attention_mask"].sum())
+                       for micro, batch in zip(plan, batches, strict=True) if not micro.stand_in)
+    return batches, units, local_tokens
+
+
+def _accumulate(plan, batches: list, units: list[int], step_units: float, trained, compute: Callable, updater,
+                runtime: Runtime, window: dict) -> torch.Tensor:
+    """Forward and backward every micro-batch of a step, each loss weighted by its share of the
+    step's units over all ranks (ibridge/batching.py); adds the objectives' metrics to `window`
+    weighted by their units. Returns this rank's share of the step's mean loss."""
+    world = runtime.dist.world_size
+    step_loss = torch.zeros((), device=runtime.device)
+    for k, (micro, batch, n) in enumerate(zip(plan, batches, units, strict=True)):
+        weight = micro_batch_weight(n, step_units, world)
+        with updater.accumulating(last=k == len(plan) - 1):
+            with runtime.autocast():
+                out = compute(trained, to_device(batch, runtime.device))
+            updater.backward(out.loss * weight)
+        step_loss = step_loss + out.loss.detach().float() * (weight / world)
+        real = 0.0 if micro.stand_in else 1.0  # a stand-in adds its keys, not its values
+        for key, value in out.metrics.items():
+            # Weighted by its units (pairs, sequences, tokens), as the loss is; no host sync here.
+            units_here = out.metric_units[key] * real
+            window[key][0] = window[key][0] + value.detach() * units_here
+            window[key][1] = window[key][1] + units_here
+    return step_loss
+
+
+class _Reporter:
+    """The metrics since the last log (`window`: per key [sum of values x units, units] over this
+    rank's real micro-batches, or steps for train/loss and train/grad_norm), logged every
+    `log_every` steps and after evaluations; `final` holds the last logged ones."""
+
+    def __init__(self, scheduler, updater, log: Callable[[dict, int], None] | None, dist_info):
+        self.scheduler, self.updater, self.log, self.dist_info = scheduler, updater, log, dist_info
+        self.window: dict[str, list] = defaultdict(lambda: [0.0, 0.0])
+        self.final: dict[str, float] = {}
+        self.window_tokens = 0
+        self.window_start = time.perf_counter()
+
+    def add_step(self, loss_value, norm_value) -> None:
+        for key, value in (("train/loss", loss_value), ("train/grad_norm", norm_value)):
+            if value is not None:  # None: a norm DeepSpeed's fp16 loss scaler skipped (ibridge/zero.py)
+                self.window[key][0] += value
+                self.window[key][1] += 1
+
+    def log_window(self, step: int, epoch: int, progress) -> None:
+        now = time.perf_counter()
+        metrics = _window_means(self.window, self.dist_info)
+        metrics["train/lr"] = self.scheduler.get_last_lr()[0]
+        metrics["train/epoch"] = epoch + 1
+        metrics["train/tokens_per_s"] = self.window_tokens / max(now - self.window_start, 1e-9)
+        metrics.update(self.updater.counters() if hasattr(self.updater, "counters") else {})
+        progress.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+        if self.log is not None:
+            self.log(metrics, step)
+        self.final = metrics
+        self.window.clear()
+        self.window_tokens = 0
+        self.window_start = now
+
+    def evaluate(self, model: torch.nn.Module, evaluate: Callable, step: int) -> None:
+        model.eval()
+        with torch.no_grad():
+            eval_metrics = evaluate(model)
+        model.train()
+        self.final.update(eval_metrics)
+        if self.log is not None:
+            self.log(eval_metrics, step)
+        self.window_start = time.perf_counter()  # evaluation time is not training throughput
 
 
 def _window_means(window: dict[str, list[float]], dist_info) -> dict[str, float]:
