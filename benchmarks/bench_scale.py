@@ -58,7 +58,10 @@ from benchlib.driver import (  # noqa: E402
 )
 from benchlib.memory import reference_pass_peak, training_peak  # noqa: E402
 from benchlib.synthetic import conversations, save_model, write_data  # noqa: E402
+from benchlib.trl_check import worker_check  # noqa: E402
 from benchlib.workers import WORKERS  # noqa: E402
+
+WORKERS = {**WORKERS, "check": worker_check}
 
 VOCAB = 128_256  # Llama-3
 ARCH = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -76,7 +79,7 @@ def build_world(work: Path, n_sft: int, n_dpo: int, seed: int = 0) -> tuple[Path
     return base, data, n_params
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Sized for ~10 minutes on a shared 2-core CPU, where TRL's DPO runs at 25-30 tok/s.
     parser.add_argument("--repeats", type=int, default=2, help="interleaved runs of every configuration")
@@ -98,34 +101,14 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write every raw result here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--spec", type=Path, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        return worker_main(args, WORKERS)
-    if args.quick:
-        args.repeats, args.close_repeats, args.sft_steps, args.dpo_steps, args.sft_batch, args.dpo_batch = 1, 1, 1, 1, 2, 1
+    return parser
 
-    trl = require_trl("bench_scale.py")
+
+def _print_setting(trl, args, n_params: int) -> None:
+    """The versions, machine, model and settings every figure below was measured with."""
     import torch
     import transformers
 
-    script = Path(__file__).resolve()
-    skip = set(filter(None, args.skip.split(",")))
-    wall = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
-    base, data, n_params = build_world(work, args.sft_steps * args.sft_batch, args.dpo_steps * args.dpo_batch)
-
-    def opt(lr: float, steps: int, batch: int, **extra) -> dict:
-        return {"lr": lr, "steps": steps, "batch_size": batch, "weight_decay": 0.0, "max_grad_norm": 1.0,
-                "log_every": steps, **extra}
-
-    spec = Spec(base=str(base), data=str(data), max_length=MAX_LENGTH, seed=0, threads=args.threads,
-                overrides=[f"trainer.attn_implementation={args.ibridge_attn}", "trainer=cpu"],
-                warmup_ratio=0.1, schedule="cosine",
-                sft=opt(2e-5, args.sft_steps, args.sft_batch), dpo=opt(5e-7, args.dpo_steps, args.dpo_batch, beta=0.1),
-                trl={"attn_implementation": args.trl_attn, "sft_padding_free": bool(args.trl_sft_padding_free)},
-                check={"batches": 2, "batch_size": 2, "perturb_steps": 2})
-    spec_file = work / "spec.json"
-    spec_file.write_text(json.dumps(spec))
     print(f"ibridge vs TRL {trl.__version__} at realistic shapes | torch {torch.__version__}, transformers "
           f"{transformers.__version__} | {os.cpu_count()} CPUs ({cpu_name()}), torch threads "
           f"{args.threads or torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} at the start")
@@ -139,14 +122,9 @@ def main() -> None:
     print(f"each configuration in its own process, {args.repeats} interleaved repeats (ibridge and the chunked-head "
           f"bare loop {max(args.repeats, args.close_repeats)}); targets from medians, best runs beside", flush=True)
 
-    extra = {"dpo": ["bare_dpo"], "sft": ["bare_sft"]} if args.full_logits_bare else {"dpo": [], "sft": []}
-    tables = {"dpo": DPO_CONFIGS + extra["dpo"], "sft": SFT_CONFIGS + extra["sft"]}
-    configs = [name for kind in ("dpo", "sft") if kind not in skip for name in tables[kind]]
-    close = {name: max(args.repeats, args.close_repeats) for name in
-             ("ibridge_dpo", "bare_chunked_dpo", "ibridge_sft", "bare_chunked_sft")}
-    runs = run_interleaved(script, configs, spec_file, args.repeats, wall, more=close)
-    stats = {name: summarise(r) for name, r in runs.items() if r}
-    raw: dict = {"spec": spec, "runs": runs, "parameters": n_params}
+
+def _speed_section(stats: dict, tables: dict, skip: set[str]) -> bool:
+    """The DPO and SFT tables against TRL and the chunked-head bare loop, and their targets (medians)."""
     targets = Targets("median")
     if "dpo" not in skip:
         print_table("DPO (whole stage includes tokenisation and the reference pass)", tables["dpo"], stats)
@@ -167,7 +145,45 @@ def main() -> None:
                            "steps", 0.9)
         targets.memory("ibridge SFT peak RSS / TRL SFT", ours, stats["trl_sft"], 0.7)
     targets.print("ratios of medians; best runs in brackets; 'within 10% of the bare loop' read as >= 0.90x")
-    all_ok = targets.ok
+    return targets.ok
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    if args.worker:
+        return worker_main(args, WORKERS)
+    if args.quick:
+        args.repeats, args.close_repeats, args.sft_steps, args.dpo_steps, args.sft_batch, args.dpo_batch = 1, 1, 1, 1, 2, 1
+
+    trl = require_trl("bench_scale.py")
+    script = Path(__file__).resolve()
+    skip = set(filter(None, args.skip.split(",")))
+    wall = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    base, data, n_params = build_world(work, args.sft_steps * args.sft_batch, args.dpo_steps * args.dpo_batch)
+
+    def opt(lr: float, steps: int, batch: int, **extra) -> dict:
+        return {"lr": lr, "steps": steps, "batch_size": batch, "weight_decay": 0.0, "max_grad_norm": 1.0,
+                "log_every": steps, **extra}
+
+    spec = Spec(base=str(base), data=str(data), max_length=MAX_LENGTH, seed=0, threads=args.threads,
+                overrides=[f"trainer.attn_implementation={args.ibridge_attn}", "trainer=cpu"],
+                warmup_ratio=0.1, schedule="cosine",
+                sft=opt(2e-5, args.sft_steps, args.sft_batch), dpo=opt(5e-7, args.dpo_steps, args.dpo_batch, beta=0.1),
+                trl={"attn_implementation": args.trl_attn, "sft_padding_free": bool(args.trl_sft_padding_free)},
+                check={"batches": 2, "batch_size": 2, "perturb_steps": 2})
+    spec_file = work / "spec.json"
+    spec_file.write_text(json.dumps(spec))
+    _print_setting(trl, args, n_params)
+    extra = {"dpo": ["bare_dpo"], "sft": ["bare_sft"]} if args.full_logits_bare else {"dpo": [], "sft": []}
+    tables = {"dpo": DPO_CONFIGS + extra["dpo"], "sft": SFT_CONFIGS + extra["sft"]}
+    configs = [name for kind in ("dpo", "sft") if kind not in skip for name in tables[kind]]
+    close = {name: max(args.repeats, args.close_repeats) for name in
+             ("ibridge_dpo", "bare_chunked_dpo", "ibridge_sft", "bare_chunked_sft")}
+    runs = run_interleaved(script, configs, spec_file, args.repeats, wall, more=close)
+    stats = {name: summarise(r) for name, r in runs.items() if r}
+    raw: dict = {"spec": spec, "runs": runs, "parameters": n_params}
+    all_ok = _speed_section(stats, tables, skip)
     all_ok &= print_memory_model(runs, n_params, raw)
 
     if "check" not in skip:

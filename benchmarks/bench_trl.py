@@ -57,6 +57,7 @@ from benchlib.driver import (  # noqa: E402
     summarise,
     worker_main,
 )
+from benchlib.trl_check import worker_check  # noqa: E402
 from benchlib.workers import DPO_CONFIGS, SFT_CONFIGS, WORKERS, runtime_for  # noqa: E402
 
 
@@ -117,7 +118,7 @@ def worker_generation(spec) -> dict:
             "tokens": tokens, "times": timings, "eval_s": time.perf_counter() - start}
 
 
-WORKERS = {**WORKERS, "generation": worker_generation}
+WORKERS = {**WORKERS, "check": worker_check, "generation": worker_generation}
 
 
 def toy_spec(args, work: Path) -> Spec:
@@ -156,7 +157,7 @@ def toy_spec(args, work: Path) -> Spec:
                 n_sft=len(data["demonstrations"]), n_dpo=len(data["preferences"]))
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of every configuration (median)")
     parser.add_argument("--sft-steps", type=int, default=0, help="optimisation steps of the SFT runs (0: the stage's)")
@@ -172,21 +173,14 @@ def main() -> None:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--spec", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. debug=smoke")
-    args = parser.parse_args()
-    if args.worker:
-        return worker_main(args, WORKERS)
+    return parser
 
-    trl = require_trl("bench_trl.py")
+
+def _print_setting(trl, spec: Spec, args) -> None:
+    """The versions, machine and settings every figure below was measured with."""
     import torch
     import transformers
 
-    script = Path(__file__).resolve()
-    skip = set(filter(None, args.skip.split(",")))
-    wall = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="bench-trl-"))
-    spec = toy_spec(args, work)
-    spec_file = work / "spec.json"
-    spec_file.write_text(json.dumps(spec))
     print(f"ibridge vs TRL {trl.__version__} | torch {torch.__version__}, transformers {transformers.__version__} | "
           f"{os.cpu_count()} CPUs ({cpu_name()}), torch threads {args.threads or torch.get_num_threads()}")
     print(f"toy base {Path(spec.base).name}: "
@@ -200,10 +194,9 @@ def main() -> None:
     print(f"each configuration in its own process, {args.repeats} interleaved repeats; targets from the best run "
           f"of each, medians beside", flush=True)
 
-    configs = ([] if "dpo" in skip else DPO_CONFIGS) + ([] if "sft" in skip else SFT_CONFIGS)
-    runs = run_interleaved(script, configs, spec_file, args.repeats, wall)
-    stats = {name: summarise(r) for name, r in runs.items() if r}
-    raw: dict = {"spec": spec, "runs": runs}
+
+def _speed_section(stats: dict, skip: set[str]) -> bool:
+    """The DPO and SFT tables against TRL and the bare loop, and their targets."""
     targets = Targets("best")
     if "dpo" not in skip:
         print_table("DPO (whole stage includes tokenisation and the reference pass)", DPO_CONFIGS, stats)
@@ -223,72 +216,107 @@ def main() -> None:
         targets.throughput("ibridge SFT / packed bare loop (optimisation steps)", ours, stats["bare_sft"], "steps", 0.9)
         targets.memory("ibridge SFT peak RSS / TRL SFT", ours, stats["trl_sft"], 1.0)
     targets.print("ratios of best runs; medians in brackets; 'within 10% of the bare loop' read as >= 0.90x")
-    all_ok = targets.ok
+    return targets.ok
 
+
+def _defaults_section(script: Path, spec: Spec, work: Path, steps: int, stats: dict, raw: dict) -> None:
+    """Each tool with its own defaults: a user-facing fact, not part of the speed comparison."""
+    dspec = Spec(spec, sft=dict(spec.sft, steps=steps), dpo=dict(spec.dpo, steps=steps))
+    dfile = work / "spec_defaults.json"
+    dfile.write_text(json.dumps(dspec))
+    print(f"\nEach tool with its own defaults on this machine (a user-facing fact, not the speed comparison; "
+          f"TRL: {steps} steps, one run each)")
+    print("  TRL on a CPU-only machine refuses to start with its defaults (bf16=True: \"Your setup doesn't "
+          "support bf16/gpu\") until use_cpu=True is given; with use_cpu=True and everything else its default "
+          "(model loaded by TRL from the path):")
+    for name, kind in (("trl_sft_defaults", "sft"), ("trl_dpo_defaults", "dpo")):
+        raw[name] = run = spawn(script, name, dfile)
+        s = run["settings"]
+        print(f"    TRL {kind.upper()}: bf16 autocast {s['bf16']}, gradient checkpointing "
+              f"{s['gradient_checkpointing']}, attention {s['attn_implementation']}, lr {s['learning_rate']:g}, "
+              f"{s['optim']}: {fmt_rate(rates(run)[1]).strip()} tok/s over the steps "
+              f"({run['steps_s'] / max(run['steps'], 1):.2f} s/step)")
+    ours = [f"{kind.upper()} {fmt_rate(stats[f'ibridge_{kind}']['steps_best']).strip()} tok/s"
+            for kind in ("sft", "dpo") if f"ibridge_{kind}" in stats]
+    print("  ibridge's defaults on this machine are the configuration measured above (trainer=auto: fp32, "
+          "eager attention on CPU, no checkpointing, padding-free packing)" + (": " + ", ".join(ours) if ours
+                                                                                 else ""))
+
+
+def _objectives_section(args, env: dict, raw: dict) -> bool:
+    """The f-divergence objectives' step throughput against sft (benchmarks/bench_objectives.py)."""
+    print(f"\nf-divergence objectives: step throughput vs sft (warm reference cache; "
+          f"benchmarks/bench_objectives.py --steps {args.objective_steps} --repeats 5, same threads)", flush=True)
+    ok = True
+    for granularity in ("sequence", "token"):
+        cmd = [sys.executable, str(HERE / "bench_objectives.py"), "--steps", str(args.objective_steps),
+               "--repeats", "5", "--granularity", granularity, *args.overrides]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+        table = proc.stdout.strip().splitlines()
+        print("\n".join("  " + line for line in table[-8:]) if proc.returncode == 0 else
+              f"  bench_objectives failed:\n{proc.stderr[-2000:]}")
+        raw[f"objectives_{granularity}"] = table
+        ok &= proc.returncode == 0 and "< 0.9 target" not in proc.stdout
+    return ok
+
+
+def _generation_section(script: Path, spec: Spec, spec_file: Path, args, env: dict, raw: dict) -> bool:
+    """Generation against a plain model.generate, and the eval job as a user runs it (target < 60 s)."""
+    raw["generation"] = gen = spawn(script, "generation", spec_file)
+    plain_s, ours_s = min(gen["times"]["plain"]), min(gen["times"]["ibridge"])
+    print(f"\nGeneration in the eval job ({gen['prompts']} eval prompts, greedy, max_new_tokens "
+          f"{gen['max_new_tokens']}, batch {gen['batch_size']}, base model; best of {len(gen['times']['plain'])})")
+    print(f"  plain model.generate (prompts in order): {gen['tokens']['plain'] / plain_s / 1000:6.2f}k tok/s "
+          f"({gen['tokens']['plain']} tokens, {plain_s:.2f} s)")
+    print(f"  ibridge.evaluation.generate:             {gen['tokens']['ibridge'] / ours_s / 1000:6.2f}k tok/s "
+          f"({gen['tokens']['ibridge']} tokens, {ours_s:.2f} s)  ratio {plain_s / ours_s:.2f}x")
+    # The eval job as a user runs it: a fresh process, base model against itself as reference (so the
+    # sampled KL and implicit-reward accuracy run too), no logger.
+    out_dir = Path(tempfile.mkdtemp(prefix="bench-evaljob-"))
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "ibridge", "eval", "logger=none", f"reference={spec.base}",
+                           f"output_dir={out_dir}", "resume=false", *args.overrides],
+                          capture_output=True, text=True, cwd=ROOT, env=env)
+    raw["eval_job_s"] = job_s = time.perf_counter() - start
+    ok = gen["eval_s"] < 60 and job_s < 60 and proc.returncode == 0
+    print(f"  eval of the default world (generate, judge, sampled KL, implicit-reward accuracy): "
+          f"evaluate_checkpoint {gen['eval_s']:.1f} s; `ibridge eval reference=<base>` as a fresh process "
+          f"{job_s:.1f} s wall{'' if proc.returncode == 0 else ' (FAILED: ' + proc.stderr[-300:] + ')'} "
+          f"(target < 60 s) {'ok' if ok else 'MISSED'}")
+    return ok
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    if args.worker:
+        return worker_main(args, WORKERS)
+
+    trl = require_trl("bench_trl.py")
+    script = Path(__file__).resolve()
+    skip = set(filter(None, args.skip.split(",")))
+    wall = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="bench-trl-"))
+    spec = toy_spec(args, work)
+    spec_file = work / "spec.json"
+    spec_file.write_text(json.dumps(spec))
+    _print_setting(trl, spec, args)
+
+    configs = ([] if "dpo" in skip else DPO_CONFIGS) + ([] if "sft" in skip else SFT_CONFIGS)
+    runs = run_interleaved(script, configs, spec_file, args.repeats, wall)
+    stats = {name: summarise(r) for name, r in runs.items() if r}
+    raw: dict = {"spec": spec, "runs": runs}
+    all_ok = _speed_section(stats, skip)
     if "check" not in skip:
         raw["check"] = check = spawn(script, "check", spec_file)
         all_ok &= print_check(check, 1e-5)
-
     if "defaults" not in skip and args.default_steps > 0:
-        dspec = Spec(spec, sft=dict(spec.sft, steps=args.default_steps), dpo=dict(spec.dpo, steps=args.default_steps))
-        dfile = work / "spec_defaults.json"
-        dfile.write_text(json.dumps(dspec))
-        print(f"\nEach tool with its own defaults on this machine (a user-facing fact, not the speed comparison; "
-              f"TRL: {args.default_steps} steps, one run each)")
-        print("  TRL on a CPU-only machine refuses to start with its defaults (bf16=True: \"Your setup doesn't "
-              "support bf16/gpu\") until use_cpu=True is given; with use_cpu=True and everything else its default "
-              "(model loaded by TRL from the path):")
-        for name, kind in (("trl_sft_defaults", "sft"), ("trl_dpo_defaults", "dpo")):
-            raw[name] = run = spawn(script, name, dfile)
-            s = run["settings"]
-            print(f"    TRL {kind.upper()}: bf16 autocast {s['bf16']}, gradient checkpointing "
-                  f"{s['gradient_checkpointing']}, attention {s['attn_implementation']}, lr {s['learning_rate']:g}, "
-                  f"{s['optim']}: {fmt_rate(rates(run)[1]).strip()} tok/s over the steps "
-                  f"({run['steps_s'] / max(run['steps'], 1):.2f} s/step)")
-        ours = [f"{kind.upper()} {fmt_rate(stats[f'ibridge_{kind}']['steps_best']).strip()} tok/s"
-                for kind in ("sft", "dpo") if f"ibridge_{kind}" in stats]
-        print("  ibridge's defaults on this machine are the configuration measured above (trainer=auto: fp32, "
-              "eager attention on CPU, no checkpointing, padding-free packing)" + (": " + ", ".join(ours) if ours
-                                                                                     else ""))
-
+        _defaults_section(script, spec, work, args.default_steps, stats, raw)
     pinned = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
     quiet = dict(os.environ, **pinned, TQDM_DISABLE="1", WANDB_MODE="disabled")
     if "objectives" not in skip:
-        print(f"\nf-divergence objectives: step throughput vs sft (warm reference cache; "
-              f"benchmarks/bench_objectives.py --steps {args.objective_steps} --repeats 5, same threads)", flush=True)
-        for granularity in ("sequence", "token"):
-            cmd = [sys.executable, str(HERE / "bench_objectives.py"), "--steps", str(args.objective_steps),
-                   "--repeats", "5", "--granularity", granularity, *args.overrides]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=quiet)
-            table = proc.stdout.strip().splitlines()
-            print("\n".join("  " + line for line in table[-8:]) if proc.returncode == 0 else
-                  f"  bench_objectives failed:\n{proc.stderr[-2000:]}")
-            raw[f"objectives_{granularity}"] = table
-            all_ok &= proc.returncode == 0 and "< 0.9 target" not in proc.stdout
-
+        all_ok &= _objectives_section(args, quiet, raw)
     if "generation" not in skip:
-        raw["generation"] = gen = spawn(script, "generation", spec_file)
-        plain_s, ours_s = min(gen["times"]["plain"]), min(gen["times"]["ibridge"])
-        print(f"\nGeneration in the eval job ({gen['prompts']} eval prompts, greedy, max_new_tokens "
-              f"{gen['max_new_tokens']}, batch {gen['batch_size']}, base model; best of {len(gen['times']['plain'])})")
-        print(f"  plain model.generate (prompts in order): {gen['tokens']['plain'] / plain_s / 1000:6.2f}k tok/s "
-              f"({gen['tokens']['plain']} tokens, {plain_s:.2f} s)")
-        print(f"  ibridge.evaluation.generate:             {gen['tokens']['ibridge'] / ours_s / 1000:6.2f}k tok/s "
-              f"({gen['tokens']['ibridge']} tokens, {ours_s:.2f} s)  ratio {plain_s / ours_s:.2f}x")
-        # The eval job as a user runs it: a fresh process, base model against itself as reference (so the
-        # sampled KL and implicit-reward accuracy run too), no logger.
-        out_dir = Path(tempfile.mkdtemp(prefix="bench-evaljob-"))
-        start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "ibridge", "eval", "logger=none", f"reference={spec.base}",
-                               f"output_dir={out_dir}", "resume=false", *args.overrides],
-                              capture_output=True, text=True, cwd=ROOT, env=quiet)
-        raw["eval_job_s"] = job_s = time.perf_counter() - start
-        ok = gen["eval_s"] < 60 and job_s < 60 and proc.returncode == 0
-        all_ok &= ok
-        print(f"  eval of the default world (generate, judge, sampled KL, implicit-reward accuracy): "
-              f"evaluate_checkpoint {gen['eval_s']:.1f} s; `ibridge eval reference=<base>` as a fresh process "
-              f"{job_s:.1f} s wall{'' if proc.returncode == 0 else ' (FAILED: ' + proc.stderr[-300:] + ')'} "
-              f"(target < 60 s) {'ok' if ok else 'MISSED'}")
+        all_ok &= _generation_section(script, spec, spec_file, args, quiet, raw)
 
     if args.json:
         args.json.write_text(json.dumps(raw, indent=1))

@@ -217,51 +217,72 @@ def run(cfg: DictConfig) -> dict:
     except ConfigError as err:
         return _refused(err, run_dir, results, write_results, multirun)
     except StaleRunError as err:  # nothing ran
-        if multirun:  # the cell is recorded failed, as the sweep's summary and report read it
-            results.update(status="failed", error=f"stale run: {err}")
-            write_results(results)
-            log.error("stale run: %s", err)
-            return results
-        # a single run's results.json keeps what the earlier run wrote; the message is on the terminal
-        print(f"ibridge: stale run: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        return _stale(err, results, write_results, multirun)
     except KeyboardInterrupt:
         from ibridge.interrupts import EXIT_CTRL_C, stop_run
 
         results.update(status="failed", error="interrupted (Ctrl-C)", runtime_s=round(time.time() - started, 2))
         stop_run(run_dir, results, write_results, main_process, "interrupted (Ctrl-C)", EXIT_CTRL_C)
     except Exception as err:  # the run is marked failed; a sweep's other cells go on
-        from ibridge.data import DataError
-        from ibridge.data.formatting import TemplateError
-        from ibridge.training import StopRequested
-
-        # A malformed row or a missing field: the message names file, line and field already.
-        data_error = isinstance(err, (DataError, TemplateError))
-        results.update(status="failed", error=f"data error: {err}" if data_error else f"{type(err).__name__}: {err}")
-        if main_process:
-            (run_dir / "error.log").write_text(traceback.format_exc())
-        write_results({**results, "runtime_s": round(time.time() - started, 2)})
-        if isinstance(err, StopRequested):
-            # SIGTERM stops the whole sweep. Hydra's launchers record an Exception as a
-            # failed cell and start the next one; SystemExit is not an Exception. A Slurm
-            # cell's preemption signal ends its job, which the launcher requeues (ibridge/slurm/).
-            from ibridge.interrupts import EXIT_SIGTERM, stop_run
-            from ibridge.preemption import preempted
-
-            if preempted():
-                log.error("%s", err)
-                raise SystemExit(EXIT_SIGTERM) from None
-            stop_run(run_dir, None, write_results, main_process, str(err).split("; ")[0], EXIT_SIGTERM)
-        if multirun:
-            log.error("run failed: %s (traceback in %s)", err, run_dir / "error.log")
-            return results
-        if data_error and os.environ.get("HYDRA_FULL_ERROR") != "1":
-            print(f"ibridge: data error: {err}", file=sys.stderr)
-            raise SystemExit(1) from None
-        raise
+        recorded = _failed(err, run_dir, results, write_results, main_process, multirun, started)
+        if recorded is None:
+            raise
+        return recorded
     finally:
         if runtime is not None:
             shutdown(runtime.dist, failed=failed)
+    return _finished(results, run_dir, write_results, main_process, multirun, started)
+
+
+def _stale(err: StaleRunError, results: dict, write_results, multirun: bool) -> dict:
+    """A finished unit's inputs changed (ibridge/stage_inputs.py): nothing ran."""
+    if multirun:  # the cell is recorded failed, as the sweep's summary and report read it
+        results.update(status="failed", error=f"stale run: {err}")
+        write_results(results)
+        log.error("stale run: %s", err)
+        return results
+    # a single run's results.json keeps what the earlier run wrote; the message is on the terminal
+    print(f"ibridge: stale run: {err}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
+def _failed(err: Exception, run_dir: Path, results: dict, write_results, main_process: bool, multirun: bool,
+            started: float) -> dict | None:
+    """Record a failed run (results.json, error.log). A sweep cell returns its results and the sweep
+    goes on; a stop request or a data error ends in one line; otherwise None: the caller re-raises."""
+    from ibridge.data import DataError
+    from ibridge.data.formatting import TemplateError
+    from ibridge.training import StopRequested
+
+    # A malformed row or a missing field: the message names file, line and field already.
+    data_error = isinstance(err, (DataError, TemplateError))
+    results.update(status="failed", error=f"data error: {err}" if data_error else f"{type(err).__name__}: {err}")
+    if main_process:
+        (run_dir / "error.log").write_text(traceback.format_exc())
+    write_results({**results, "runtime_s": round(time.time() - started, 2)})
+    if isinstance(err, StopRequested):
+        # SIGTERM stops the whole sweep. Hydra's launchers record an Exception as a
+        # failed cell and start the next one; SystemExit is not an Exception. A Slurm
+        # cell's preemption signal ends its job, which the launcher requeues (ibridge/slurm/).
+        from ibridge.interrupts import EXIT_SIGTERM, stop_run
+        from ibridge.preemption import preempted
+
+        if preempted():
+            log.error("%s", err)
+            raise SystemExit(EXIT_SIGTERM) from None
+        stop_run(run_dir, None, write_results, main_process, str(err).split("; ")[0], EXIT_SIGTERM)
+    if multirun:
+        log.error("run failed: %s (traceback in %s)", err, run_dir / "error.log")
+        return results
+    if data_error and os.environ.get("HYDRA_FULL_ERROR") != "1":
+        print(f"ibridge: data error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    return None
+
+
+def _finished(results: dict, run_dir: Path, write_results, main_process: bool, multirun: bool,
+              started: float) -> dict:
+    """Write a completed run's results.json last, and say what it produced."""
     results["runtime_s"] = round(time.time() - started, 2)
     write_results(results)
     if main_process:

@@ -97,9 +97,10 @@ def _kind_hint(cfg: DictConfig, missing: set[str]) -> str:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError for the first invalid setting of `cfg`."""
-    from ibridge.objectives import data_kind_of
+    """Raise ConfigError for the first invalid setting of `cfg`.
 
+    The checks run in a fixed order (job and numbers, then the trainer, then services that would
+    fail late, then data), so that the error a user sees first is the cheapest to fix."""
     if cfg.job not in JOBS:
         raise ConfigError(f"job={cfg.job!r}: expected one of {', '.join(JOBS)}")
     seed = OmegaConf.select(cfg, "seed")
@@ -110,24 +111,40 @@ def validate(cfg: DictConfig) -> None:
     _objective_errors(OmegaConf.to_container(cfg.objective, resolve=True), "objective")
     _objective_errors(OmegaConf.to_container(cfg.dpo.objective, resolve=True), "dpo.objective")
     for stage in STAGE_KEYS:
-        for key in ("batch_size", "grad_accum", "epochs", "log_every"):
-            _positive_int(cfg, f"{stage}.{key}")
-        for key in ("max_steps", "save_every", "eval_every"):
-            value = OmegaConf.select(cfg, f"{stage}.{key}")
-            if not isinstance(value, int) or isinstance(value, bool) or value < (-1 if key == "max_steps" else 0):
-                raise ConfigError(f"{stage}.{key}={value!r}: expected an integer >= {-1 if key == 'max_steps' else 0}")
-        if not isinstance(OmegaConf.select(cfg, f"{stage}.weight_decay"), (int, float)):
-            raise ConfigError(f"{stage}.weight_decay: expected a number >= 0")
-        if OmegaConf.select(cfg, f"{stage}.weight_decay") < 0:
-            raise ConfigError(f"{stage}.weight_decay: expected a number >= 0")
-        if OmegaConf.select(cfg, f"{stage}.optimizer", default="adamw") not in ("adamw", "sgd"):
-            raise ConfigError(f"{stage}.optimizer={OmegaConf.select(cfg, f'{stage}.optimizer')!r}: expected adamw or sgd")
+        _check_stage(cfg, stage)
     _positive_int(cfg, "eval.max_new_tokens")
     _positive_int(cfg, "eval.batch_size")
     _positive_int(cfg, "model.max_length")
     from ibridge.resource_config import validate_resources
 
     validate_resources(cfg)  # gradient checkpointing, save cadence, generation budget, TF32 (issue 20)
+    _check_trainer(cfg)
+    warmup = cfg.schedule.warmup_ratio
+    if not 0 <= warmup < 1:
+        raise ConfigError(f"schedule.warmup_ratio={warmup!r}: expected a number in [0, 1)")
+    _check_services(cfg)
+    _paths_exist(cfg)
+    _check_data_kinds(cfg)
+
+
+def _check_stage(cfg: DictConfig, stage: str) -> None:
+    """The numbers and optimiser of one stage's settings (``sft.*`` or ``dpo.*``)."""
+    for key in ("batch_size", "grad_accum", "epochs", "log_every"):
+        _positive_int(cfg, f"{stage}.{key}")
+    for key in ("max_steps", "save_every", "eval_every"):
+        value = OmegaConf.select(cfg, f"{stage}.{key}")
+        least = -1 if key == "max_steps" else 0  # max_steps=-1: the epochs decide
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ConfigError(f"{stage}.{key}={value!r}: expected an integer >= {least}")
+    decay = OmegaConf.select(cfg, f"{stage}.weight_decay")
+    if not isinstance(decay, (int, float)) or decay < 0:
+        raise ConfigError(f"{stage}.weight_decay: expected a number >= 0")
+    if OmegaConf.select(cfg, f"{stage}.optimizer", default="adamw") not in ("adamw", "sgd"):
+        raise ConfigError(f"{stage}.optimizer={OmegaConf.select(cfg, f'{stage}.optimizer')!r}: expected adamw or sgd")
+
+
+def _check_trainer(cfg: DictConfig) -> None:
+    """The data-parallel mode, its precision and its process-group settings."""
     from ibridge.distributed import DATA_PARALLEL_MODES
 
     mode = OmegaConf.select(cfg, "trainer.distributed", default="none")
@@ -155,14 +172,14 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"model.pretrain.seed={seed!r}: expected an integer, or null for the world's seed")
     if not isinstance(OmegaConf.select(cfg, "trainer.pack_sequences", default=True), bool):
         raise ConfigError(f"trainer.pack_sequences={cfg.trainer.pack_sequences!r}: expected true or false")
-    warmup = cfg.schedule.warmup_ratio
-    if not 0 <= warmup < 1:
-        raise ConfigError(f"schedule.warmup_ratio={warmup!r}: expected a number in [0, 1)")
 
+
+def _check_services(cfg: DictConfig) -> None:
+    """wandb and the judge: each would otherwise fail only after the model loaded, in a traceback."""
     from ibridge.wandb_check import online_problem
 
     problem = online_problem(OmegaConf.select(cfg, "logger", default=None))
-    if problem:  # wandb would find out only after the model loaded, in a long traceback
+    if problem:
         raise ConfigError(problem)
     if cfg.judge.name == "reward_model" and OmegaConf.is_missing(cfg.judge, "path"):
         raise ConfigError("judge.path is not set: expected a reward model's hub name or local folder")
@@ -171,7 +188,12 @@ def validate(cfg: DictConfig) -> None:
 
         judge_settings(cfg.judge)  # JudgeError is a ConfigError naming the judge.* key
 
-    _paths_exist(cfg)
+
+def _check_data_kinds(cfg: DictConfig) -> None:
+    """The objectives' kinds of examples (demonstrations, preferences, evaluation prompts) against
+    what the data config supplies; the export job's own checks."""
+    from ibridge.objectives import data_kind_of
+
     provided = data_kinds_provided(cfg.data)
     if OmegaConf.select(cfg, "eval_set.name", default="none") != "none":
         provided.add("eval")  # eval_set=alpaca_eval supplies the evaluation prompts
@@ -198,7 +220,5 @@ def validate(cfg: DictConfig) -> None:
         from ibridge.jobs.export import check
 
         check(cfg)
-    if cfg.job in ("report", "qlogit", "dashboard", "export"):
-        return
     if cfg.job == "eval" and "eval" not in provided:
         raise ConfigError(f"data={cfg.data.kind} has no evaluation prompts; eval needs data=toy")

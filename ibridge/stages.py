@@ -168,6 +168,79 @@ def load_trainable(init_path: Path, ctx):
     return model
 
 
+def optim_settings(cfg, opt_cfg, lr: float) -> OptimSettings:
+    """The optimisation settings of one stage: its own ``sft.*``/``dpo.*`` block and learning rate,
+    with the run-wide schedule, seed and packing."""
+    return OptimSettings(
+        lr=float(lr),
+        epochs=int(opt_cfg.epochs),
+        max_steps=int(opt_cfg.max_steps),
+        batch_size=int(opt_cfg.batch_size),
+        grad_accum=int(opt_cfg.grad_accum),
+        weight_decay=float(opt_cfg.weight_decay),
+        max_grad_norm=float(opt_cfg.max_grad_norm),
+        log_every=int(opt_cfg.log_every),
+        save_every=int(opt_cfg.get("save_every", 0)),
+        save_every_min=float(opt_cfg.get("save_every_min", 0)),
+        eval_every=int(opt_cfg.eval_every),
+        warmup_ratio=float(cfg.schedule.warmup_ratio),
+        schedule=str(cfg.schedule.name),
+        seed=int(cfg.seed),
+        pack_sequences=bool(cfg.trainer.get("pack_sequences", True)),
+        optimizer=str(opt_cfg.get("optimizer", "adamw")),
+    )
+
+
+def stage_record(ctx, objective, lr: float, summary, encoded: list, enc_stats, init_path: Path,
+                 reference_path: Path, evaluate) -> dict:
+    """What results.json and stage.json say of a trained stage (before its checkpoint is saved)."""
+    record = {
+        "objective": objective.name,
+        "lr": float(lr),
+        "steps": summary.steps,
+        "runtime_s": round(summary.runtime_s, 3),
+        "tokens": summary.tokens,
+        "examples": len(encoded),
+        "truncated": enc_stats.truncated,
+        "skipped": enc_stats.skipped,
+        "data": getattr(ctx.source, "reports", {}),
+        "resumed_from_step": summary.resumed_from,
+        "init": str(init_path),
+        "lora": lora_enabled(ctx.cfg.model),
+        "reference": str(reference_path),
+    }
+    if "kl/token" in summary.final_metrics:
+        record["kl_token"] = summary.final_metrics["kl/token"]
+        record["kl_token_precision"] = evaluate.precision  # both models' forward (issue 20, item 11)
+    if ctx.runtime.dist.enabled:
+        record["world_size"] = ctx.runtime.dist.world_size
+        record["distributed"] = ctx.runtime.dist.mode
+        record["rank_checksums"] = summary.rank_checksums
+    record.update(launch_env.identity(ctx.runtime.dist.world_size))  # world size; Slurm job id, requeues
+    return record
+
+
+def save_adapters(ctx, model, out_dir: Path, record: dict) -> None:
+    """LoRA: the adapters alone too, saved before they are merged away."""
+    if lora_enabled(ctx.cfg.model):
+        record["adapter"] = str(out_dir / ADAPTER_DIR)
+        if ctx.runtime.dist.is_main:
+            save_adapter(model, out_dir / ADAPTER_DIR)
+
+
+def save_stage(ctx, model, tokenizer, out_dir: Path, record: dict):
+    """Save a trained stage: the checkpoint, then ``stage.json``, which marks the stage finished,
+    and only then drop its resumable state. Every rank calls this (FSDP gathers the weights on
+    rank 0); returns the gathered weights for the caller to free."""
+    record["checkpoint"] = str(out_dir / "checkpoint")
+    weights = full_model_state(model, ctx.runtime.dist)  # FSDP: gathered on rank 0 (every rank calls)
+    if ctx.runtime.dist.is_main:
+        save_checkpoint(model, tokenizer, out_dir / "checkpoint", state_dict=weights)
+        write_json_atomic(out_dir / STAGE_RECORD, record)  # the stage counts as finished only from here
+        shutil.rmtree(out_dir / "state", ignore_errors=True)
+    return weights
+
+
 def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path: Path, out_dir: Path,
                 reference_path: Path | None = None, run_name: str | None = None) -> dict:
     """Train one stage from `init_path`; returns the stage's record for results.json.
@@ -195,24 +268,7 @@ def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path
     if objective.needs_reference:
         attach_reference(encoded, kind, reference_path, ctx, pad)
 
-    settings = OptimSettings(
-        lr=float(lr),
-        epochs=int(opt_cfg.epochs),
-        max_steps=int(opt_cfg.max_steps),
-        batch_size=int(opt_cfg.batch_size),
-        grad_accum=int(opt_cfg.grad_accum),
-        weight_decay=float(opt_cfg.weight_decay),
-        max_grad_norm=float(opt_cfg.max_grad_norm),
-        log_every=int(opt_cfg.log_every),
-        save_every=int(opt_cfg.get("save_every", 0)),
-        save_every_min=float(opt_cfg.get("save_every_min", 0)),
-        eval_every=int(opt_cfg.eval_every),
-        warmup_ratio=float(cfg.schedule.warmup_ratio),
-        schedule=str(cfg.schedule.name),
-        seed=int(cfg.seed),
-        pack_sequences=bool(cfg.trainer.get("pack_sequences", True)),
-        optimizer=str(opt_cfg.get("optimizer", "adamw")),
-    )
+    settings = optim_settings(cfg, opt_cfg, lr)
     run_config = stage_run_config(cfg, stage, objective_cfg, lr, init_path, reference_path)
     ctx.logger.start(stage, run_name or stage, config=run_config,
                      home=out_dir)  # keeps the run id: a resumed stage continues its wandb run
@@ -228,41 +284,11 @@ def train_stage(ctx, *, stage: str, objective_cfg, lr: float, opt_cfg, init_path
         state_dir=out_dir / "state", bookmark=ctx.logger.bookmark, rewind=ctx.logger.rewind,
         count_units=loss_units(objective),
     )
-    record = {
-        "objective": objective.name,
-        "lr": float(lr),
-        "steps": summary.steps,
-        "runtime_s": round(summary.runtime_s, 3),
-        "tokens": summary.tokens,
-        "examples": len(encoded),
-        "truncated": enc_stats.truncated,
-        "skipped": enc_stats.skipped,
-        "data": getattr(ctx.source, "reports", {}),
-        "resumed_from_step": summary.resumed_from,
-        "init": str(init_path),
-        "lora": lora_enabled(cfg.model),
-        "reference": str(reference_path),
-    }
-    if "kl/token" in summary.final_metrics:
-        record["kl_token"] = summary.final_metrics["kl/token"]
-        record["kl_token_precision"] = evaluate.precision  # both models' forward (issue 20, item 11)
-    if ctx.runtime.dist.enabled:
-        record["world_size"] = ctx.runtime.dist.world_size
-        record["distributed"] = ctx.runtime.dist.mode
-        record["rank_checksums"] = summary.rank_checksums
-    record.update(launch_env.identity(ctx.runtime.dist.world_size))  # world size; Slurm job id, requeues
+    record = stage_record(ctx, objective, lr, summary, encoded, enc_stats, init_path, reference_path, evaluate)
     del reference  # the training step's reference model, if any
-    if lora_enabled(cfg.model):  # the adapters alone too, before they are merged away
-        record["adapter"] = str(out_dir / ADAPTER_DIR)
-        if ctx.runtime.dist.is_main:
-            save_adapter(model, out_dir / ADAPTER_DIR)
+    save_adapters(ctx, model, out_dir, record)
     model = merged(model, init_path, ctx.runtime)  # LoRA: the merged fp32 model, the next stage's reference
-    record["checkpoint"] = str(out_dir / "checkpoint")
-    weights = full_model_state(model, ctx.runtime.dist)  # FSDP: gathered on rank 0 (every rank calls)
-    if ctx.runtime.dist.is_main:
-        save_checkpoint(model, tokenizer, out_dir / "checkpoint", state_dict=weights)
-        write_json_atomic(done_marker, record)  # the stage counts as finished only from here
-        shutil.rmtree(out_dir / "state", ignore_errors=True)
+    weights = save_stage(ctx, model, tokenizer, out_dir, record)
     barrier(ctx.runtime.dist)
     ctx.logger.summary({f"stage/{k}": v for k, v in record.items() if isinstance(v, (int, float))})
     ctx.logger.finish()
