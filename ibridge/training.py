@@ -185,9 +185,9 @@ def optimise(
                                     f"{resume_hint()}")
             step_loss = _accumulate(plan, batches, units, step_units, trained, compute, updater, runtime,
                                     report.window)
-            tokens += int(step_tokens)
-            report.window_tokens += int(step_tokens)
-            report.add_step(*updater.update(step_loss, f"at step {step} (epoch {epoch + 1})"))
+            step_tokens = int(step_tokens)
+            tokens += step_tokens
+            report.add_step(step_tokens, *updater.update(step_loss, f"at step {step} (epoch {epoch + 1})"))
             if step % settings.log_every == 0 or step == total:
                 report.log_window(step, epoch, progress)
             due = settings.eval_every > 0 and step % settings.eval_every == 0
@@ -311,7 +311,9 @@ class _Reporter:
         self.window_tokens = 0
         self.window_start = time.perf_counter()
 
-    def add_step(self, loss_value, norm_value) -> None:
+    def add_step(self, tokens: int, loss_value, norm_value) -> None:
+        """One applied (or fp16-skipped) step: its tokens over all ranks, its loss and norm."""
+        self.window_tokens += tokens
         for key, value in (("train/loss", loss_value), ("train/grad_norm", norm_value)):
             if value is not None:  # None: a norm DeepSpeed's fp16 loss scaler skipped (ibridge/zero.py)
                 self.window[key][0] += value
