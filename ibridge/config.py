@@ -138,7 +138,7 @@ def _check_stage(cfg: DictConfig, stage: str) -> None:
             raise ConfigError(f"{stage}.{key}={value!r}: expected an integer >= {least}")
     decay = OmegaConf.select(cfg, f"{stage}.weight_decay")
     if not isinstance(decay, (int, float)) or decay < 0:
-        raise ConfigError(f"{stage}.weight_decay: expected a number >= 0")
+        raise ConfigError(f"{stage}.weight_decay={decay!r}: expected a number >= 0")
     if OmegaConf.select(cfg, f"{stage}.optimizer", default="adamw") not in ("adamw", "sgd"):
         raise ConfigError(f"{stage}.optimizer={OmegaConf.select(cfg, f'{stage}.optimizer')!r}: expected adamw or sgd")
 

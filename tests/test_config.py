@@ -124,6 +124,9 @@ def test_reward_model_judge_needs_a_path():
         (["model.pretrain.seed=abc"], "model.pretrain.seed"),
         (["trainer=deepspeed", "trainer.deepspeed.zero_stage=4"], "trainer.deepspeed.zero_stage"),
         (["trainer=deepspeed", "model.lora.enabled=true"], "model.lora.enabled"),
+        (["sft.weight_decay=-1"], "sft.weight_decay=-1"),  # the value too, as every other bad value
+        (["dpo.optimizer=lion"], "dpo.optimizer='lion'"),
+        (["trainer.precision=fp8"], "trainer.precision='fp8'"),
     ],
 )
 def test_out_of_range_values_and_missing_paths_name_the_key(overrides, key):
